@@ -1,0 +1,178 @@
+"""Loading CellSAM and SAM checkpoints.
+
+Accepted files (``torch.load(weights_only=True)``: a checkpoint cannot run code):
+
+* an official CellSAM checkpoint (``cellsam_general.pt``): keys ``model.``, ``cellfinder.`` and,
+  in "adv mode", ``model_cp.``; either flat or nested as ``{"state_dict": {...}}``;
+* a plain segment_anything SAM ViT-B checkpoint (``image_encoder.``, ``prompt_encoder.``,
+  ``mask_decoder.``): loads for prompt-only use (no CellFinder, no automatic mode).
+
+The official model silently switches preprocessing when ``model_cp.`` keys are absent; we do
+the same for fidelity but report it as ``LoadedCheckpoint.adv_mode``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cellsam import CellSAM, CellSAMConfig
+
+# The official model registers its class/box heads once per decoder layer under these names.
+_HEAD_ALIAS = re.compile(r"(transformer\.(?:class_embed|bbox_embed))\.(\d+)\.")
+_SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: CellSAM
+    path: str | None
+    kind: str  # "cellsam" or "sam"
+    adv_mode: bool
+    sha256: str | None
+
+    @property
+    def mode_description(self) -> str:
+        if self.kind == "sam":
+            return "plain SAM checkpoint: prompt-only (no CellFinder), non-adv preprocessing"
+        if self.adv_mode:
+            return "adv mode: model_cp.* present; masks from model_cp, extra ImageNet/min-max preprocessing"
+        return "non-adv mode: no model_cp.* keys; masks from model., no extra preprocessing"
+
+
+def head_aliases(n_layers: int) -> dict[str, list[str]]:
+    """Canonical head prefix -> the official aliased prefixes (``class_embed.0.`` ... ``.5.``)."""
+    out = {}
+    for head in ("class_embed", "bbox_embed"):
+        canon = f"cellfinder.decode_head.transformer.{head}."
+        out[canon] = [f"cellfinder.decode_head.transformer.{head}.{i}." for i in range(n_layers)]
+    return out
+
+
+def to_official_layout(state: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """Our state dict -> the official key layout (head tensors under all six aliases)."""
+    aliases = head_aliases(n_layers)
+    out = {}
+    for k, v in state.items():
+        for canon, names in aliases.items():
+            if k.startswith(canon):
+                for name in names:
+                    out[name + k[len(canon):]] = v
+                break
+        else:
+            out[k] = v
+    return out
+
+
+def _canonicalise(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Fold the aliased head names onto one module. The official model loads the aliases in
+    order into one shared module, so the last alias wins; differing aliases are reported."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[str, int] = {}
+    for k, v in state.items():
+        m = _HEAD_ALIAS.search(k)
+        if m is None:
+            out[k] = v
+            continue
+        canon = k[: m.start()] + m.group(1) + "." + k[m.end():]
+        idx = int(m.group(2))
+        if canon in out and not torch.equal(out[canon], v):
+            import warnings
+
+            warnings.warn(f"{source}: aliased head tensors differ for {canon}; using the last alias, as the official model does")
+        if canon not in out or idx >= seen[canon]:
+            out[canon], seen[canon] = v, idx
+    return out
+
+
+def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{source}: expected a state dict, got {type(obj).__name__}")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict) and not any(
+        isinstance(k, str) and k.startswith("model.") for k in obj
+    ):
+        obj = obj["state_dict"]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: entries that are not tensors: {bad[:5]}")
+    return obj
+
+
+def _format_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(
+    state: dict[str, torch.Tensor],
+    cfg: CellSAMConfig | None = None,
+    strict: bool = True,
+    source: str = "<state dict>",
+) -> tuple[CellSAM, str]:
+    """Build a CellSAM for ``state`` and load it. Returns (model, kind) with kind "cellsam" or "sam"."""
+    state = _unwrap(state, source)
+    if any(k.startswith(_SAM_PARTS) for k in state) and not any(k.startswith("model.") for k in state):
+        state = {"model." + k: v for k, v in state.items()}
+        kind = "sam"
+    else:
+        kind = "cellsam"
+    state = _canonicalise(state, source)
+    has_cp = any(k.startswith("model_cp.") for k in state)
+    model = CellSAM(cfg, with_model_cp=has_cp, with_cellfinder=(kind == "cellsam"))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if wrong:
+        raise CheckpointError(f"{source}: tensors of the wrong shape: {_format_keys(wrong)}")
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_format_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
+        raise CheckpointError(f"{source}: checkpoint does not match the CellSAM layout; " + "; ".join(parts))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model.eval(), kind
+
+
+def load_checkpoint(
+    path: str | os.PathLike, cfg: CellSAMConfig | None = None, strict: bool = True, compute_sha: bool = False
+) -> LoadedCheckpoint:
+    """Load a CellSAM or SAM checkpoint file safely (weights_only) and report its mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, truncated file, not a torch file
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: {e}") from e
+    model, kind = load_state_dict(obj, cfg=cfg, strict=strict, source=str(path))
+    return LoadedCheckpoint(
+        model=model,
+        path=str(path),
+        kind=kind,
+        adv_mode=model.adv_mode and kind == "cellsam",
+        sha256=sha256_file(path) if compute_sha else None,
+    )
