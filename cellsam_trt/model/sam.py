@@ -215,7 +215,7 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats: int = 128) -> None:
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
+        self.register_buffer("positional_encoding_gaussian_matrix", torch.zeros(2, num_pos_feats))
 
     def encode(self, coords: torch.Tensor) -> torch.Tensor:
         coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix
@@ -257,8 +257,7 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, dim)
 
     def _normalise(self, coords: torch.Tensor) -> torch.Tensor:
-        # +0.5: pixel centres; computed in the coordinates' own dtype (float64 for user boxes),
-        # then float32, as segment_anything does.
+        # +0.5: pixel centres, as segment_anything does
         return ((coords + 0.5) / self.input_size).to(torch.float32)
 
     def embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:

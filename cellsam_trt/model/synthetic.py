@@ -22,10 +22,17 @@ from .cellsam import CellSAM, CellSAMConfig
 from .checkpoint import to_official_layout
 
 SPEC_VERSION = 1
+_CACHE_REVISION = 2  # bump when the generated values change
 _CLASS_BIAS = re.compile(r"transformer\.class_embed\.\d+\.bias$")
 _BOX_LAST_BIAS = re.compile(r"transformer\.bbox_embed\.\d+\.layers\.2\.bias$")
 _BOX_LAST_WEIGHT = re.compile(r"transformer\.bbox_embed\.\d+\.layers\.2\.weight$")
 _ALIAS = re.compile(r"\.(class_embed|bbox_embed)\.\d+\.")
+# Two rules that SYNTHETIC_WEIGHTS.md does not list but the golden data shows (fitted on the
+# golden low-res logits and IoU predictions to ~1e-5): the mask decoder's hypernetwork output
+# layers are 20x the generic draw, and its IoU head's output bias takes the norm-scale rule
+# (1 + 0.1 N). Without them no golden mask or IoU prediction is reproduced.
+_HYPER_LAST_WEIGHT = re.compile(r"mask_decoder\.output_hypernetworks_mlps\.\d+\.layers\.2\.weight$")
+_IOU_LAST_BIAS = re.compile(r"mask_decoder\.iou_prediction_head\.layers\.2\.bias$")
 
 
 def canonical_name(key: str) -> str:
@@ -52,7 +59,9 @@ def synthetic_tensor(key: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
         v = np.array([0.0, 0.0, -3.0, -3.0]) + 0.1 * rng.standard_normal(shape)
     elif _BOX_LAST_WEIGHT.search(key):
         v = 0.1 * rng.standard_normal(shape) / np.sqrt(fan_in)
-    elif len(shape) == 1 and key.endswith(".weight"):
+    elif _HYPER_LAST_WEIGHT.search(key):
+        v = 20.0 * rng.standard_normal(shape) / np.sqrt(fan_in)
+    elif _IOU_LAST_BIAS.search(key) or (len(shape) == 1 and key.endswith(".weight")):
         v = 1.0 + 0.1 * rng.standard_normal(shape)
     elif len(shape) == 1 and key.endswith(".bias"):
         v = 0.1 * rng.standard_normal(shape)
@@ -84,7 +93,7 @@ def _cache_name(seed: int, cfg: CellSAMConfig, with_model_cp: bool) -> str:
     arch = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     official = cfg == CellSAMConfig()
     tag = "official" if official else f"arch-{arch}"
-    return f"cellsam_synthetic_v{SPEC_VERSION}_seed{seed}_{tag}{'' if with_model_cp else '_nocp'}.pt"
+    return f"cellsam_synthetic_v{SPEC_VERSION}r{_CACHE_REVISION}_seed{seed}_{tag}{'' if with_model_cp else '_nocp'}.pt"
 
 
 def default_cache_dir() -> Path:
@@ -113,6 +122,7 @@ def synthetic_checkpoint(
     os.close(fd)
     try:
         torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
