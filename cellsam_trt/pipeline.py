@@ -62,7 +62,8 @@ class Segmentation:
     threshold: float | None = None
     prompts_1024: np.ndarray | None = None
     all_iou_predictions: np.ndarray | None = None
-    lowres_logits: np.ndarray | None = field(default=None, repr=False)
+    lowres_logits: np.ndarray | None = field(default=None, repr=False)  # (N, 256, 256), keep_logits
+    detections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # raw CellFinder outputs
 
     @property
     def n_cells(self) -> int:
@@ -148,16 +149,16 @@ class CellSAMPipeline:
 
     def segment_prepared(self, sq, h, w, boxes=None, points=None, point_labels=None, return_embedding=False, embedding=None):
         """``segment`` from the squashed (3, 1024, 1024) image, optionally with its embedding."""
-        scores = threshold = None
+        scores = threshold = raw = None
         pts = lab = None
         if boxes is None and points is None:
             if not self.backend.has_detector:
                 raise ValueError("this model has no CellFinder: give box or point prompts")
             if not np.any(sq):
                 return _empty(h, w)
-            boxes_1024, scores, threshold, _ = self.detect(sq)
+            boxes_1024, scores, threshold, raw = self.detect(sq)
         else:
-            boxes_1024 = None if boxes is None else prompt_ops.scale_boxes_to_model(boxes, h, w)
+            boxes_1024 = None if boxes is None else prompt_ops.scale_boxes_to_model(_box_prompts(boxes), h, w)
             if points is not None:
                 pts, lab = _point_prompts(points, point_labels)
                 pts = prompt_ops.scale_points_to_model(pts, h, w)
@@ -167,14 +168,16 @@ class CellSAMPipeline:
         if embedding is None and (n > 0 or return_embedding):
             embedding = self._embed(sq)
         if n == 0 or embedding is None:
-            return _empty(h, w, embedding if return_embedding else None, threshold)
+            res = _empty(h, w, embedding if return_embedding else None, threshold)
+            res.detections = raw if self.keep_logits else None
+            return res
         lowres, iou = self.backend.decode(embedding, boxes=boxes_1024, points=pts, point_labels=lab)
         keep = np.flatnonzero(iou >= self.settings.iou_threshold)
-        raw = label_ops.assemble_labels(lowres[keep], h, w)
-        final = label_ops.fill_holes_and_remove_small_masks(raw, self.settings.min_size)
+        labels_raw = label_ops.assemble_labels(lowres[keep], h, w)
+        final = label_ops.fill_holes_and_remove_small_masks(labels_raw, self.settings.min_size)
         return Segmentation(
             labels=final,
-            labels_raw=raw,
+            labels_raw=labels_raw,
             boxes=(prompt_ops.scale_boxes_to_image(boxes_1024[keep], h, w) if boxes_1024 is not None
                    else np.zeros((0, 4), np.float32)),
             scores=None if scores is None else scores[keep],
@@ -185,7 +188,19 @@ class CellSAMPipeline:
             prompts_1024=boxes_1024,
             all_iou_predictions=iou,
             lowres_logits=lowres if self.keep_logits else None,
+            detections=raw if self.keep_logits else None,
         )
+
+
+def _box_prompts(boxes) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float32)
+    if b.size == 0:
+        return b.reshape(0, 4)
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) XYXY, got shape {b.shape}")
+    if not np.isfinite(b).all():
+        raise ValueError("boxes contain NaN or infinite coordinates")
+    return b
 
 
 def _point_prompts(points, point_labels) -> tuple[np.ndarray, np.ndarray]:

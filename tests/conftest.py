@@ -1,0 +1,79 @@
+"""Shared fixtures: the reference data, the synthetic checkpoint and loaded models.
+
+The reference data lives beside the checkout (``../shared/reference``); tests that need it
+skip with that reason where it is absent. The synthetic checkpoint is generated once and
+cached (``$CELLSAM_TRT_CACHE`` or ``~/.cache/cellsam-trt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("CELLSAM_TRT_REFERENCE", ROOT.parent / "shared" / "reference"))
+CACHE = Path(os.environ.get("CELLSAM_TRT_CACHE", Path.home() / ".cache" / "cellsam-trt"))
+
+BOX_CASES = ["YeaZ_boxes", "YeastNet_boxes", "ep_micro_boxes", "synthetic_512_boxes", "tissuenet_boxes",
+             "YeaZ_boxes20_nocp", "tissuenet_boxes20_nocp"]
+AUTO_CASES = ["YeaZ_auto", "YeastNet_auto", "ep_micro_auto", "synthetic_512_auto", "tissuenet_auto"]
+
+# achieved figures, printed at the end of the run (and kept for the issue notes)
+ACHIEVED: dict[str, dict] = {}
+
+
+def record(case: str, **figures) -> None:
+    ACHIEVED.setdefault(case, {}).update({k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v)
+                                          for k, v in figures.items()})
+
+
+def pytest_terminal_summary(terminalreporter):
+    if ACHIEVED:
+        terminalreporter.section("achieved parity figures")
+        for case, figs in sorted(ACHIEVED.items()):
+            terminalreporter.write_line(f"{case}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                                               for k, v in figs.items()))
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not (REFERENCE / "golden").is_dir():
+        pytest.skip(f"reference data not found at {REFERENCE} (../shared/reference beside the checkout)")
+    return REFERENCE
+
+
+def load_golden(reference: Path, case: str) -> dict:
+    with np.load(reference / "golden" / f"{case}.npz") as d:
+        out = {k: d[k] for k in d.files}
+    out["meta"] = json.loads(str(out.pop("meta_json")))
+    return out
+
+
+def case_boxes(reference: Path, case: str) -> list:
+    image = case.split("_boxes")[0]
+    suffix = "20" if "boxes20" in case else ""
+    return json.loads((reference / "inputs" / f"{image}_boxes{suffix}.json").read_text())["boxes"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_path() -> Path:
+    from cellsam_trt.model.synthetic import synthetic_checkpoint
+
+    return synthetic_checkpoint(seed=0, cache_dir=CACHE)
+
+
+@pytest.fixture(scope="session")
+def full_models(synthetic_path):
+    """{"adv": CellSAM with model_cp, "nocp": the same weights without model_cp}."""
+    import torch
+
+    from cellsam_trt.model.checkpoint import load_checkpoint, load_state_dict
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    adv = load_checkpoint(synthetic_path).model
+    nocp, _ = load_state_dict({k: v for k, v in adv.state_dict().items() if not k.startswith("model_cp.")})
+    return {"adv": adv, "nocp": nocp}
