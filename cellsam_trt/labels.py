@@ -71,6 +71,8 @@ def upsample_mask(logits: np.ndarray, height: int, width: int) -> tuple[np.ndarr
     s1c = _source_range(t1, c0, c1)
     rows = _source_range(ty, s1r.start, s1r.stop - 1)
     cols = _source_range(tx, s1c.start, s1c.stop - 1)
+    if rows.stop <= rows.start or cols.stop <= cols.start:  # no output pixel samples the hot region
+        return np.zeros((0, 0), dtype=bool), slice(0, 0), slice(0, 0)
     # stage-1 rows/cols that the final crop reads
     need_r = slice(int(ty[0][rows].min()), int(ty[1][rows].max()) + 1)
     need_c = slice(int(tx[0][cols].min()), int(tx[1][cols].max()) + 1)

@@ -11,6 +11,9 @@ import json
 import os
 from pathlib import Path
 
+# torch's OpenMP threads spin while waiting and crawl on a loaded 2-core machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 

@@ -1,0 +1,1 @@
+"""PyTorch modules of CellSAM (checkpoint-compatible), checkpoint loading, synthetic weights."""

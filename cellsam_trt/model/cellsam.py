@@ -26,8 +26,9 @@ class CellSAMConfig:
 
     @classmethod
     def tiny(cls, depth: int = 2, num_queries: int = 64, layers: int = 2) -> "CellSAMConfig":
-        """A small stand-in with the same code paths (windowed and global blocks) for fast tests."""
-        sam = SamConfig(depth=depth, global_attn_indexes=(depth - 1,))
+        """A small stand-in with the same code paths (windowed and global blocks, full decoder,
+        1024 input) for fast tests: a narrow 2-block trunk, few queries, 2+2 DETR layers."""
+        sam = SamConfig(depth=depth, embed_dim=64, num_heads=2, global_attn_indexes=(depth - 1,))
         cf = CellFinderConfig(trunk=sam, num_queries=num_queries, enc_layers=layers, dec_layers=layers)
         return cls(sam=sam, cellfinder=cf)
 

@@ -1,0 +1,204 @@
+"""``cellsam-trt``: the command line (the only place that parses argv).
+
+Commands: ``run`` (segment files and folders), ``demo`` (a self-contained run on synthetic
+cells), ``info`` (installed backends and versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io as cio
+
+FORMATS = ("tif", "npy", "png")
+
+
+def _expand_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in cio.IMAGE_SUFFIXES)
+        elif any(c in item for c in "*?["):
+            files += sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
+        else:
+            files.append(p)
+    seen, out = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            out.append(f)
+    return out
+
+
+def _build_pipeline(args):
+    from .pipeline import CellSAMPipeline, SegmentSettings
+
+    if args.backend not in ("auto", "torch"):
+        raise SystemExit(f"cellsam-trt: backend {args.backend!r} is not available in this version; use torch")
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("cellsam-trt: the torch backend needs PyTorch (pip install torch, then '.[export]')")
+    from .engine.torch_backend import TorchBackend
+    from .model.checkpoint import load_checkpoint
+    from .model.synthetic import synthetic_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.checkpoint if args.checkpoint else synthetic_checkpoint(args.synthetic_seed)
+    ck = load_checkpoint(path)
+    print(f"model: {path} ({ck.mode_description})", file=sys.stderr)
+    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, channel_axis=args.channel_axis)
+    return CellSAMPipeline(TorchBackend(ck.model, device=args.device), settings), ck
+
+
+def cmd_run(args) -> int:
+    files = _expand_inputs(args.inputs)
+    if not files:
+        print("cellsam-trt: no input images found", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    boxes = cio.read_boxes(args.boxes) if args.boxes else None
+    pipe, ck = _build_pipeline(args)
+    summary = {
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
+        "checkpoint": ck.path, "adv_mode": ck.adv_mode, "versions": _versions(), "files": [],
+    }
+    failed = 0
+    t_start = time.perf_counter()
+    for i, f in enumerate(files, 1):
+        dest = out / f"{f.stem}_labels.{args.format}"
+        entry = {"input": str(f), "output": str(dest)}
+        if dest.exists() and not args.overwrite:
+            entry["status"] = "skipped (exists)"
+        else:
+            t0 = time.perf_counter()
+            try:
+                image = cio.read_image(f)
+                res = pipe.segment(image, boxes=boxes)
+                cio.write_labels(res.labels, dest, args.format)
+                entry.update(status="ok", cells=res.n_cells, seconds=round(time.perf_counter() - t0, 3))
+            except (ValueError, OSError) as e:
+                failed += 1
+                msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+                entry.update(status="error", error=msg)
+                print(f"error: {msg}", file=sys.stderr)
+        summary["files"].append(entry)
+        rate = i / max(time.perf_counter() - t_start, 1e-9)
+        print(f"[{i}/{len(files)}] {f.name}: {entry['status']} ({rate:.2f} images/s)", file=sys.stderr)
+    summary["failed"] = failed
+    cio.write_json(summary, out / "run_summary.json")
+    print(f"{len(files) - failed} of {len(files)} images done; outputs in {out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def synthetic_cells(seed: int, h: int = 384, w: int = 416, n: int = 25) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic fluorescence-like image (bright discs on noise, uint16) and its cell boxes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    image = rng.normal(200, 30, (h, w))
+    boxes = []
+    for _ in range(n):
+        r = int(rng.integers(8, 18))
+        cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.uniform(1500, 4000)
+        boxes.append([cx - r, cy - r, cx + r, cy + r])
+    return np.clip(image, 0, 65535).astype(np.uint16), np.asarray(boxes, np.float32)
+
+
+def cmd_demo(args) -> int:
+    import tifffile
+
+    out = Path(args.out)
+    inputs = out / "images"
+    inputs.mkdir(parents=True, exist_ok=True)
+    image, boxes = synthetic_cells(0)
+    tifffile.imwrite(inputs / "cells.tif", image)
+    (out / "cells_boxes.json").write_text(json.dumps({"boxes": boxes.tolist()}))
+    print(f"demo: synthetic image and boxes in {inputs}; synthetic checkpoint seed {args.synthetic_seed}",
+          file=sys.stderr)
+    run_args = argparse.Namespace(
+        inputs=[str(inputs)], out=str(out / "labels"), checkpoint=None, synthetic_seed=args.synthetic_seed,
+        boxes=str(out / "cells_boxes.json"), backend="auto", device="cpu", format="tif", overwrite=True,
+        bbox_threshold=0.4, channel_axis=None, threads=args.threads,
+    )
+    rc = cmd_run(run_args)
+    print(f"demo: label images and run_summary.json are in {out / 'labels'} "
+          "(a synthetic checkpoint makes arithmetically exact but biologically meaningless masks)", file=sys.stderr)
+    return rc
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for mod in ("torch", "onnxruntime", "onnx", "tensorrt"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def cmd_info(args) -> int:
+    info = _versions()
+    try:
+        import torch
+
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        info["cuda_devices"] = []
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", type=Path, help="CellSAM (or plain SAM) checkpoint file, loaded weights-only")
+    g.add_argument("--synthetic-seed", type=int, default=0, help="use the synthetic checkpoint of this seed")
+    p.add_argument("--backend", choices=("auto", "ort", "torch", "trt"), default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cellsam-trt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="segment images (files, folders, globs)")
+    run.add_argument("inputs", nargs="+")
+    run.add_argument("--out", required=True)
+    _add_model_options(run)
+    run.add_argument("--boxes", help='JSON {"boxes": [[x1, y1, x2, y2], ...]} in original pixels (x = column)')
+    run.add_argument("--format", choices=FORMATS, default="tif")
+    run.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
+    run.add_argument("--bbox-threshold", type=float, default=0.4)
+    run.add_argument("--channel-axis", type=int, default=None, help="channel axis of 3-D images (default: smallest)")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="synthetic cells + synthetic checkpoint, end to end on the CPU")
+    demo.add_argument("--out", default="cellsam-demo")
+    demo.add_argument("--synthetic-seed", type=int, default=0)
+    demo.add_argument("--threads", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="installed backends, versions and GPUs")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

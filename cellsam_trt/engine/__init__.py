@@ -1,0 +1,1 @@
+"""Inference backends: one file each, all implementing ``engine.base.Backend``."""

@@ -1,0 +1,1 @@
+"""Export of the three networks to ONNX and TensorRT engines."""
