@@ -14,13 +14,16 @@ setup(
         "scipy>=1.10",
         "scikit-image>=0.21",
         "tifffile>=2023.1",
+        "imageio>=2.30",
+        "tqdm>=4.60",
     ],
     extras_require={
         # torch: install the build for your machine first (CPU CI: `pip install torch==2.13.0`)
         "export": ["torch>=2.1", "segment-anything>=1.0", "onnx>=1.15"],
         "ort": ["onnxruntime>=1.17"],
         "trt": ["tensorrt>=10.0", "cuda-python>=12.0"],
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "hypothesis>=6"],
+        "parquet": ["pyarrow>=12"],
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "hypothesis>=6", "pyarrow>=12"],
     },
     entry_points={"console_scripts": ["cellsam-trt=cellsam_trt.cli:main"]},
 )

@@ -12,6 +12,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,63 @@ def _build_pipeline(args):
     path = args.checkpoint if args.checkpoint else synthetic_checkpoint(args.synthetic_seed)
     ck = load_checkpoint(path)
     print(f"model: {path} ({ck.mode_description})", file=sys.stderr)
-    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, channel_axis=args.channel_axis)
+    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
+                               channel_axis=args.channel_axis)
     return CellSAMPipeline(TorchBackend(ck.model, device=args.device), settings), ck
 
 
+def select_channels(image: np.ndarray, channel_axis: int | None, nuclear: int | None, wholecell: int | None):
+    """Pick the nuclear and whole-cell channels: -> (H, W, 2) [nuclear, whole-cell], (H, W, 1) or
+    the image unchanged when no channel is named (the pipeline then applies the official rule)."""
+    if nuclear is None and wholecell is None:
+        return image, channel_axis
+    if image.ndim == 2:
+        raise ValueError(f"--nuclear-channel/--wholecell-channel given, but the image is 2-D {image.shape}")
+    axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis % image.ndim
+    planes = np.moveaxis(image, axis, -1)
+    for name, idx in (("nuclear", nuclear), ("whole-cell", wholecell)):
+        if idx is not None and not 0 <= idx < planes.shape[-1]:
+            raise ValueError(f"{name} channel {idx} does not exist (image has {planes.shape[-1]} channels)")
+    if wholecell is None:  # nuclear only: (blank, nuclear, blank)
+        out = np.zeros(planes.shape[:2] + (2,), planes.dtype)
+        out[..., 0] = planes[..., nuclear]
+        return out, -1
+    if nuclear is None:
+        return planes[..., wholecell], None
+    return np.stack([planes[..., nuclear], planes[..., wholecell]], -1), -1
+
+
+def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
+    paths = {"labels": out / f"{f.stem}_labels.{args.format}"}
+    if args.table:
+        paths["table"] = out / f"{f.stem}_cells.{args.table}"
+    if args.geojson:
+        paths["geojson"] = out / f"{f.stem}_cells.geojson"
+    return paths
+
+
+def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, args) -> dict:
+    from . import outputs
+    from .pipeline import CellSAMPipeline
+
+    image = cio.read_image(f)
+    image, axis = select_channels(image, args.channel_axis, args.nuclear_channel, args.wholecell_channel)
+    if axis != pipe.settings.channel_axis:
+        pipe = CellSAMPipeline(pipe.backend, replace(pipe.settings, channel_axis=axis))
+    res = pipe.segment(image, boxes=boxes)
+    cio.write_labels(res.labels, paths["labels"], args.format)
+    if "table" in paths or "geojson" in paths:
+        table = outputs.cell_table(res, pipe.settings.min_size)
+        if "table" in paths:
+            outputs.write_table(table, paths["table"])
+        if "geojson" in paths:
+            outputs.write_geojson(res.labels, paths["geojson"], table)
+    return {"cells": res.n_cells, "shape": list(res.labels.shape)}
+
+
 def cmd_run(args) -> int:
+    from tqdm import tqdm
+
     files = _expand_inputs(args.inputs)
     if not files:
         print("cellsam-trt: no input images found", file=sys.stderr)
@@ -74,31 +127,32 @@ def cmd_run(args) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         "checkpoint": ck.path, "adv_mode": ck.adv_mode, "versions": _versions(), "files": [],
     }
-    failed = 0
+    failed = done = 0
     t_start = time.perf_counter()
-    for i, f in enumerate(files, 1):
-        dest = out / f"{f.stem}_labels.{args.format}"
-        entry = {"input": str(f), "output": str(dest)}
-        if dest.exists() and not args.overwrite:
-            entry["status"] = "skipped (exists)"
+    bar = tqdm(files, unit="img", file=sys.stderr, disable=args.quiet)
+    for f in bar:
+        paths = _outputs_for(f, out, args)
+        entry = {"input": str(f), "outputs": {k: str(v) for k, v in paths.items()}}
+        if all(p.exists() for p in paths.values()) and not args.overwrite:
+            entry["status"] = "skipped: outputs exist"
         else:
             t0 = time.perf_counter()
             try:
-                image = cio.read_image(f)
-                res = pipe.segment(image, boxes=boxes)
-                cio.write_labels(res.labels, dest, args.format)
-                entry.update(status="ok", cells=res.n_cells, seconds=round(time.perf_counter() - t0, 3))
-            except (ValueError, OSError) as e:
+                entry.update(_segment_file(pipe, f, paths, boxes, args))
+                entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3))
+                done += 1
+            except Exception as e:  # one bad file must not stop the job
                 failed += 1
                 msg = str(e) if str(f) in str(e) else f"{f}: {e}"
                 entry.update(status="error", error=msg)
-                print(f"error: {msg}", file=sys.stderr)
+                bar.write(f"error: {msg}", file=sys.stderr)
         summary["files"].append(entry)
-        rate = i / max(time.perf_counter() - t_start, 1e-9)
-        print(f"[{i}/{len(files)}] {f.name}: {entry['status']} ({rate:.2f} images/s)", file=sys.stderr)
+        bar.set_postfix_str(f"{done / max(time.perf_counter() - t_start, 1e-9):.2f} images/s")
     summary["failed"] = failed
+    summary["seconds"] = round(time.perf_counter() - t_start, 3)
     cio.write_json(summary, out / "run_summary.json")
-    print(f"{len(files) - failed} of {len(files)} images done; outputs in {out}", file=sys.stderr)
+    skipped = len(files) - done - failed
+    print(f"{done} segmented, {skipped} skipped, {failed} failed of {len(files)}; outputs in {out}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -130,7 +184,8 @@ def cmd_demo(args) -> int:
     run_args = argparse.Namespace(
         inputs=[str(inputs)], out=str(out / "labels"), checkpoint=None, synthetic_seed=args.synthetic_seed,
         boxes=str(out / "cells_boxes.json"), backend="auto", device="cpu", format="tif", overwrite=True,
-        bbox_threshold=0.4, channel_axis=None, threads=args.threads,
+        bbox_threshold=0.4, iou_threshold=0.5, channel_axis=None, threads=args.threads, table="csv", geojson=True,
+        nuclear_channel=None, wholecell_channel=None, quiet=False,
     )
     rc = cmd_run(run_args)
     print(f"demo: label images and run_summary.json are in {out / 'labels'} "
@@ -180,8 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--boxes", help='JSON {"boxes": [[x1, y1, x2, y2], ...]} in original pixels (x = column)')
     run.add_argument("--format", choices=FORMATS, default="tif")
     run.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
-    run.add_argument("--bbox-threshold", type=float, default=0.4)
+    run.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder score threshold (official 0.4)")
+    run.add_argument("--iou-threshold", type=float, default=0.5, help="drop masks with lower predicted IoU (0.5)")
     run.add_argument("--channel-axis", type=int, default=None, help="channel axis of 3-D images (default: smallest)")
+    run.add_argument("--nuclear-channel", type=int, default=None, help="index of the nuclear channel")
+    run.add_argument("--wholecell-channel", type=int, default=None, help="index of the whole-cell channel")
+    run.add_argument("--table", choices=("csv", "parquet"), help="also write a per-cell table")
+    run.add_argument("--geojson", action="store_true", help="also write QuPath-compatible GeoJSON polygons")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthetic cells + synthetic checkpoint, end to end on the CPU")

@@ -46,7 +46,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: cannot be read: {type(e).__name__}: {e}") from e
     image = np.squeeze(np.asarray(image))
     if image.size == 0:
-        raise InputError(f"{path}: the image is empty (shape {image.shape})")
+        raise InputError(f"{path}: no image data (empty or corrupt file; shape {image.shape})")
     return image
 
 

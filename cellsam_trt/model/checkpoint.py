@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .cellfinder import CellFinderConfig
 from .cellsam import CellSAM, CellSAMConfig
+from .sam import SamConfig
 
 # The official model registers its class/box heads once per decoder layer under these names.
 _HEAD_ALIAS = re.compile(r"(transformer\.(?:class_embed|bbox_embed))\.(\d+)\.")
@@ -86,8 +89,6 @@ def _canonicalise(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
         canon = k[: m.start()] + m.group(1) + "." + k[m.end():]
         idx = int(m.group(2))
         if canon in out and not torch.equal(out[canon], v):
-            import warnings
-
             warnings.warn(f"{source}: aliased head tensors differ for {canon}; using the last alias, as the official model does")
         if canon not in out or idx >= seen[canon]:
             out[canon], seen[canon] = v, idx
@@ -120,6 +121,44 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _trunk_config(state: dict[str, torch.Tensor], prefix: str) -> SamConfig:
+    """SAM ViT hyper-parameters read off the tensor shapes under ``prefix`` (e.g. ``model.image_encoder.``)."""
+    pos = state[prefix + "pos_embed"]
+    grid, dim = pos.shape[1], pos.shape[3]
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k)))
+    rel = [state[f"{prefix}blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+    global_idx = tuple(i for i, r in enumerate(rel) if r.shape[0] == 2 * grid - 1)
+    windowed = [r for r in rel if r.shape[0] != 2 * grid - 1]
+    window = (windowed[0].shape[0] + 1) // 2 if windowed else SamConfig.window_size
+    patch = state[prefix + "patch_embed.proj.weight"].shape[-1]
+    return SamConfig(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
+                     num_heads=dim // rel[0].shape[1], window_size=window, global_attn_indexes=global_idx)
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> CellSAMConfig:
+    """The architecture of a (canonicalised, ``model.``-prefixed) state dict, from its shapes.
+
+    The official checkpoint gives ``CellSAMConfig()``; smaller stand-ins (tests) give theirs.
+    """
+    sam = _trunk_config(state, "model.image_encoder.")
+    body = "cellfinder.decode_head.backbone.body."
+    if body + "pos_embed" not in state:
+        return CellSAMConfig(sam=sam)
+    tr = "cellfinder.decode_head.transformer."
+    count = lambda name: 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(tr + name) + r"\.(\d+)\.", k)))
+    cf = CellFinderConfig(
+        trunk=_trunk_config(state, body),
+        hidden_dim=state[tr + "pattern.weight"].shape[1],
+        enc_layers=count("encoder_layers"),
+        dec_layers=count("decoder_layers"),
+        dim_feedforward=state[tr + "encoder_layers.0.ffn.linear1.weight"].shape[0],
+        num_queries=state[tr + "position.weight"].shape[0],
+        num_patterns=state[tr + "pattern.weight"].shape[0],
+        num_classes=state[tr + "class_embed.weight"].shape[0],
+    )
+    return CellSAMConfig(sam=sam, cellfinder=cf)
+
+
 def load_state_dict(
     state: dict[str, torch.Tensor],
     cfg: CellSAMConfig | None = None,
@@ -134,6 +173,11 @@ def load_state_dict(
     else:
         kind = "cellsam"
     state = _canonicalise(state, source)
+    if cfg is None:
+        try:
+            cfg = infer_config(state)
+        except (KeyError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{source}: not a CellSAM or SAM checkpoint (cannot read its architecture: {e})") from e
     has_cp = any(k.startswith("model_cp.") for k in state)
     model = CellSAM(cfg, with_model_cp=has_cp, with_cellfinder=(kind == "cellsam"))
     own = model.state_dict()

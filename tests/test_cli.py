@@ -1,0 +1,179 @@
+"""`cellsam-trt run` end to end on a small model: formats, bad inputs, resume, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellsam_trt import cli
+from cellsam_trt import io as cio
+from cellsam_trt.model.cellsam import CellSAMConfig
+from cellsam_trt.model.synthetic import synthetic_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return synthetic_checkpoint(0, cache_dir=tmp_path_factory.mktemp("ck"), cfg=CellSAMConfig.tiny())
+
+
+@pytest.fixture
+def images(tmp_path):
+    img, boxes = cli.synthetic_cells(1, 160, 176, 8)
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "a.tif", img)
+    np.save(d / "b.npy", img.astype(np.float32) / 7.0)
+    import imageio.v3 as iio
+
+    iio.imwrite(d / "c.png", (img // 256).astype(np.uint8))
+    two = np.stack([img, np.roll(img, 5, 0)])  # (C, Y, X) OME-TIFF
+    tifffile.imwrite(d / "d.ome.tif", two, ome=True, metadata={"axes": "CYX"})
+    (tmp_path / "boxes.json").write_text(json.dumps({"boxes": boxes.tolist()}))
+    return d, tmp_path / "boxes.json"
+
+
+def run(*args):
+    # the small random model predicts low IoUs: keep every mask so that outputs have cells
+    return cli.main(["run", *map(str, args), "--quiet", "--iou-threshold=-100"])
+
+
+def test_all_formats_and_outputs(tiny_checkpoint, images, tmp_path):
+    d, boxes = images
+    out = tmp_path / "out"
+    rc = run(d, "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes, "--table", "csv", "--geojson")
+    assert rc == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert [f["status"] for f in summary["files"]] == ["ok"] * 4
+    for stem in ("a", "b", "c", "d.ome"):
+        labels = tifffile.imread(out / f"{stem}_labels.tif")
+        assert labels.shape == (160, 176) and labels.dtype == np.uint16
+        rows = (out / f"{stem}_cells.csv").read_text().splitlines()
+        assert rows[0].startswith("label,bbox_min_row")
+        assert len(rows) - 1 == len(np.unique(labels)) - 1
+        gj = json.loads((out / f"{stem}_cells.geojson").read_text())
+        assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(rows) - 1
+    # table rows describe the label image
+    labels = tifffile.imread(out / "a_labels.tif")
+    table = (out / "a_cells.csv").read_text().splitlines()
+    assert len(table) > 1
+    first = table[1].split(",")
+    lab, r0, c0, r1, c1, area = (int(v) for v in first[:6])
+    assert (labels == lab).sum() == area
+    ys, xs = np.nonzero(labels == lab)
+    assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == (r0, c0, r1, c1)
+
+
+@pytest.mark.parametrize("fmt", ["npy", "png"])
+def test_other_label_formats(tiny_checkpoint, images, tmp_path, fmt):
+    d, boxes = images
+    out = tmp_path / "out"
+    assert run(d / "a.tif", "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes, "--format", fmt) == 0
+    labels = cio.read_image(out / f"a_labels.{fmt}")
+    ref = tifffile.imread(d / "a.tif")
+    assert labels.shape == ref.shape and labels.dtype == np.uint16
+
+
+def test_parquet_table(tiny_checkpoint, images, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    d, boxes = images
+    out = tmp_path / "out"
+    assert run(d / "a.tif", "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes, "--table", "parquet") == 0
+    t = pq.read_table(out / "a_cells.parquet")
+    assert t.column_names[:2] == ["label", "bbox_min_row"]
+    labels = tifffile.imread(out / "a_labels.tif")
+    assert t.num_rows == len(np.unique(labels)) - 1
+
+
+def test_bad_files_are_named_and_the_job_goes_on(tiny_checkpoint, images, tmp_path, capsys):
+    d, boxes = images
+    (d / "corrupt.tif").write_bytes(b"II*\x00garbage")
+    np.save(d / "empty.npy", np.zeros((0, 5)))
+    np.save(d / "nan.npy", np.full((40, 40), np.nan, np.float32))
+    np.save(d / "five.npy", np.zeros((5, 40, 40), np.uint8))
+    out = tmp_path / "out"
+    rc = run(d, "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes)
+    assert rc == 1
+    err = capsys.readouterr().err
+    summary = json.loads((out / "run_summary.json").read_text())
+    status = {f["input"].rsplit("/", 1)[-1]: f for f in summary["files"]}
+    for name, problem in [("corrupt.tif", "no image data"), ("empty.npy", "no image data"), ("nan.npy", "NaN"),
+                          ("five.npy", "channels")]:
+        assert status[name]["status"] == "error" and problem in status[name]["error"]
+        assert name in status[name]["error"] and name in err
+        assert not (out / f"{name.rsplit('.', 1)[0]}_labels.tif").exists()
+    assert status["a.tif"]["status"] == "ok" and (out / "a_labels.tif").exists()
+    assert summary["failed"] == 4
+
+
+def test_resume_skips_done_files(tiny_checkpoint, images, tmp_path):
+    d, boxes = images
+    out = tmp_path / "out"
+    assert run(d, "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
+    (out / "b_labels.tif").unlink()  # as if the job had been interrupted before b
+    before = (out / "a_labels.tif").stat().st_mtime_ns
+    assert run(d, "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    status = {f["input"].rsplit("/", 1)[-1]: f["status"] for f in summary["files"]}
+    assert status["b.npy"] == "ok" and status["a.tif"].startswith("skipped")
+    assert (out / "a_labels.tif").stat().st_mtime_ns == before
+    assert run(d, "--out", out, "--checkpoint", tiny_checkpoint, "--boxes", boxes, "--overwrite") == 0
+    assert (out / "a_labels.tif").stat().st_mtime_ns != before
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    dest = tmp_path / "x_labels.tif"
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tifffile, "imwrite", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cio.write_labels(np.ones((4, 4), np.int32), dest)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_not_replaced_by_a_failed_write(tmp_path, monkeypatch):
+    dest = tmp_path / "x_labels.npy"
+    cio.write_labels(np.full((4, 4), 3), dest, "npy")
+    monkeypatch.setattr(np, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        cio.write_labels(np.ones((4, 4)), dest, "npy")
+    assert np.load(dest).max() == 3 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_label_dtype_grows_with_count(tmp_path):
+    big = np.arange(70000, dtype=np.int64).reshape(280, 250)
+    cio.write_labels(big, tmp_path / "big.tif")
+    back = tifffile.imread(tmp_path / "big.tif")
+    assert back.dtype == np.uint32 and np.array_equal(back, big)
+    with pytest.raises(ValueError, match="16-bit PNG"):
+        cio.write_labels(big, tmp_path / "big.png", "png")
+
+
+def test_channel_mapping(tiny_checkpoint, images, tmp_path):
+    d, boxes = images
+    out1, out2 = tmp_path / "o1", tmp_path / "o2"
+    assert run(d / "d.ome.tif", "--out", out1, "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
+    # explicit mapping: channel 0 nuclear, channel 1 whole-cell == the default (channels fill slots 1, 2)
+    assert run(d / "d.ome.tif", "--out", out2, "--checkpoint", tiny_checkpoint, "--boxes", boxes,
+               "--nuclear-channel", "0", "--wholecell-channel", "1") == 0
+    a, b = tifffile.imread(out1 / "d.ome_labels.tif"), tifffile.imread(out2 / "d.ome_labels.tif")
+    np.testing.assert_array_equal(a, b)
+    assert run(d / "d.ome.tif", "--out", tmp_path / "o3", "--checkpoint", tiny_checkpoint, "--boxes", boxes,
+               "--wholecell-channel", "7") == 1
+
+
+def test_no_inputs(tmp_path):
+    assert cli.main(["run", str(tmp_path / "nothing*.tif"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_console_script_info():
+    out = subprocess.run([sys.executable, "-m", "cellsam_trt.cli", "info"], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["torch"] == torch.__version__ and "cuda_devices" in info
