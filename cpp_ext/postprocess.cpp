@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <unordered_map>
@@ -111,15 +112,62 @@ inline void blend_rows(const float* a, const float* b, float w1, float w, const 
     }
 }
 
+inline float lerp(float w1, float a, float w, float b) {
+    const float p = w1 * a;
+    const float q = w * b;
+    return p + q;
+}
+
+// The two stages along one axis composed: output o = sum_j c_j[o] * in[i_j[o]], j < 3, over the
+// low-res input (the real-number value of the pipeline with its float32 weights). Absent taps
+// point at a present one with coefficient 0.
+struct Composed {
+    std::vector<int32_t> i0, i1, i2;
+    std::vector<float> c0, c1, c2;
+};
+
+Composed compose(const Taps& t1, const Taps& t2) {
+    Composed c;
+    const int n = t2.n_out;
+    c.i0.resize(n), c.i1.resize(n), c.i2.resize(n), c.c0.resize(n), c.c1.resize(n), c.c2.resize(n);
+    for (int o = 0; o < n; ++o) {
+        const int l = t2.lo[o], h = t2.hi[o];
+        const int base = t1.lo[l];
+        double k[3] = {0.0, 0.0, 0.0};  // products of two floats are exact in double
+        k[t1.lo[l] - base] += static_cast<double>(t2.w1[o]) * t1.w1[l];
+        k[t1.hi[l] - base] += static_cast<double>(t2.w1[o]) * t1.w[l];
+        k[t1.lo[h] - base] += static_cast<double>(t2.w[o]) * t1.w1[h];
+        k[t1.hi[h] - base] += static_cast<double>(t2.w[o]) * t1.w[h];
+        const int last = t1.n_in - 1;
+        c.i0[o] = base;
+        c.i1[o] = std::min(base + 1, last);
+        c.i2[o] = std::min(base + 2, last);
+        c.c0[o] = static_cast<float>(k[0]);
+        c.c1[o] = static_cast<float>(k[1]);
+        c.c2[o] = static_cast<float>(k[2]);
+    }
+    return c;
+}
+
 // Bilinear 256 -> 1024 -> (height, width) of one mask, computed only where the mask can be on.
 //
-// Bilinear interpolation is a convex combination, so an output can only clear the threshold if
-// one of the low-res logits it depends on does ("hot": > threshold - 1e-3, a margin far above
-// float32 rounding). Per row, the hot columns are bounded by a span; spans are pushed forward
-// through the four passes (low-res -> stage-1 width pass -> stage-1 height pass -> final width
-// pass -> final height pass) to give, for each final row, the span of columns that can be on.
-// Then the spans are pulled backward to find what each intermediate row must provide, and
-// only that is computed.
+// Where: bilinear interpolation is a convex combination, so an output can only clear the
+// threshold if one of the low-res logits it depends on does ("hot": > threshold - 1e-3, a margin
+// far above float32 rounding). Per row, the hot columns are bounded by a span; spans are pushed
+// forward through the four passes (low-res -> stage-1 width pass -> stage-1 height pass -> final
+// width pass -> final height pass) to give, for each final row, the span of columns that can be
+// on (plan()).
+//
+// How, exactly (exact()): the four passes in the reference's float32 arithmetic; the spans are
+// pulled backward to find what each intermediate row must provide, and only that is computed.
+//
+// How, fast (fast()): the two stages composed into one separable filter of at most 3 x 3
+// low-res taps, evaluated in float32 in another order. Its result differs from the exact one
+// by at most ~20 u A (u = 2**-24, A = the largest |logit| of the mask; rounding error analysis
+// of both: 4 lerps of 3 roundings each, and two 3-term dot products with rounded coefficients),
+// so wherever it is farther than B = 64 u (A + 1) from the threshold it decides on/off exactly
+// as the exact arithmetic would; the few pixels within B are recomputed with exact_at(). Masks
+// with a non-finite or huge (> 1e30) logit take exact() instead.
 class Upsampler {
    public:
     Upsampler(int height, int width)
@@ -128,6 +176,8 @@ class Upsampler {
           t1_(make_taps(kLowRes, kModelSize)),
           ty_(make_taps(kModelSize, height)),
           tx_(make_taps(kModelSize, width)),
+          cy_(compose(t1_, ty_)),
+          cx_(compose(t1_, tx_)),
           hot_(kLowRes),
           hot_v_(kLowRes),
           need_v_(kLowRes),
@@ -135,16 +185,14 @@ class Upsampler {
           need_s_(kModelSize),
           need_u_(kModelSize),
           hot_f_(height),
-          // not zeroed: every value is written before it is read
-          v_(new float[static_cast<size_t>(kLowRes) * kModelSize]),
-          u_(new float[static_cast<size_t>(kModelSize) * kModelSize]),
-          s_(new float[static_cast<size_t>(kModelSize) * width]) {}
+          need_h_(kLowRes) {}
 
-    // sink(y, span, sa, sb, w1, w): final row y over span = w1 * sa[x] + w * sb[x]
-    template <class Sink>
-    void run(const float* logits, float hot_threshold, bool full, Sink&& sink) {
-        if (H_ == 0 || W_ == 0) return;
+    // Finds the final rows y0..y1 and per-row column spans hot_f_ where the mask can be on; false
+    // when it is nowhere. full: every pixel. Also records the largest |logit| (as float bits).
+    bool plan(const float* logits, float hot_threshold, bool full) {
+        if (H_ == 0 || W_ == 0) return false;
         int rmin = INT_MAX, rmax = -1;
+        int32_t max_bits = 0;
         for (int r = 0; r < kLowRes; ++r) {
             Span h;
             if (full) {
@@ -152,7 +200,15 @@ class Upsampler {
             } else {
                 const float* row = logits + static_cast<size_t>(r) * kLowRes;
                 unsigned any = 0;
-                for (int c = 0; c < kLowRes; ++c) any |= static_cast<unsigned>(row[c] > hot_threshold);
+                int32_t mb = 0;
+                for (int c = 0; c < kLowRes; ++c) {
+                    any |= static_cast<unsigned>(row[c] > hot_threshold);
+                    int32_t bits;
+                    std::memcpy(&bits, row + c, sizeof bits);
+                    bits &= 0x7fffffff;  // |x| as an integer: ordered like |x|, NaN/inf above all finite
+                    mb = mb > bits ? mb : bits;
+                }
+                max_bits = std::max(max_bits, mb);
                 if (any) {
                     int c0 = 0, c1 = kLowRes - 1;
                     while (!(row[c0] > hot_threshold)) ++c0;
@@ -166,29 +222,52 @@ class Upsampler {
                 rmax = r;
             }
         }
-        if (rmax < 0) return;
+        max_abs_bits_ = max_bits;
+        if (rmax < 0) return false;
         // forward: stage-1 rows R0..R1 that can be hot, and their final-column spans
-        const int R0 = t1_.first_out[rmin], R1 = t1_.last_out[rmax];
-        if (R0 > R1) return;
+        R0_ = t1_.first_out[rmin], R1_ = t1_.last_out[rmax];
+        if (R0_ > R1_) return false;
         for (int r = rmin; r <= rmax; ++r) hot_v_[r] = forward(t1_, hot_[r]);
         auto hot_v = [&](int r) { return (r < rmin || r > rmax) ? Span{} : hot_v_[r]; };
-        for (int R = R0; R <= R1; ++R) {
+        for (int R = R0_; R <= R1_; ++R) {
             Span u = hot_v(t1_.lo[R]);
             u.add(hot_v(t1_.hi[R]));
             hot_s_[R] = forward(tx_, u);
         }
-        auto hot_s = [&](int R) { return (R < R0 || R > R1) ? Span{} : hot_s_[R]; };
-        const int y0 = ty_.first_out[R0], y1 = ty_.last_out[R1];
-        if (y0 > y1) return;
-        // backward: what each stage-1 row must provide to the final rows y0..y1
-        const int S0 = ty_.lo[y0], S1 = ty_.hi[y1];
-        for (int R = S0; R <= S1; ++R) need_s_[R] = Span{};
-        for (int y = y0; y <= y1; ++y) {
+        y0_ = ty_.first_out[R0_], y1_ = ty_.last_out[R1_];
+        if (y0_ > y1_) return false;
+        bool any = false;
+        for (int y = y0_; y <= y1_; ++y) {
             Span f = hot_s(ty_.lo[y]);
             f.add(hot_s(ty_.hi[y]));
             hot_f_[y] = f;
-            need_s_[ty_.lo[y]].add(f);
-            need_s_[ty_.hi[y]].add(f);
+            any = any || !f.empty();
+        }
+        return any;
+    }
+
+    // The largest |logit| of the planned mask; +inf for NaN/inf (from plan(), not in full mode).
+    float max_abs() const {
+        if (max_abs_bits_ >= 0x7f800000) return INFINITY;
+        float a;
+        std::memcpy(&a, &max_abs_bits_, sizeof a);
+        return a;
+    }
+
+    // sink(y, span, sa, sb, w1, w): final row y over span = w1 * sa[x] + w * sb[x]
+    template <class Sink>
+    void exact(const float* logits, Sink&& sink) {
+        if (!v_) {  // not zeroed: every value is written before it is read
+            v_.reset(new float[static_cast<size_t>(kLowRes) * kModelSize]);
+            u_.reset(new float[static_cast<size_t>(kModelSize) * kModelSize]);
+            s_.reset(new float[static_cast<size_t>(kModelSize) * W_]);
+        }
+        // backward: what each stage-1 row must provide to the final rows y0..y1
+        const int S0 = ty_.lo[y0_], S1 = ty_.hi[y1_];
+        for (int R = S0; R <= S1; ++R) need_s_[R] = Span{};
+        for (int y = y0_; y <= y1_; ++y) {
+            need_s_[ty_.lo[y]].add(hot_f_[y]);
+            need_s_[ty_.hi[y]].add(hot_f_[y]);
         }
         const int V0 = t1_.lo[S0], V1 = t1_.hi[S1];
         for (int r = V0; r <= V1; ++r) need_v_[r] = Span{};
@@ -207,19 +286,100 @@ class Upsampler {
             blend_rows(vrow(t1_.lo[R]), vrow(t1_.hi[R]), t1_.w1[R], t1_.w[R], need_u_[R], urow(R));
             resample_row(urow(R), tx_, need_s_[R], srow(R));
         }
-        for (int y = y0; y <= y1; ++y)
+        for (int y = y0_; y <= y1_; ++y)
             if (!hot_f_[y].empty()) sink(y, hot_f_[y], srow(ty_.lo[y]), srow(ty_.hi[y]), ty_.w1[y], ty_.w[y]);
     }
 
+    // One final pixel with the exact arithmetic of exact(), from the low-res logits.
+    float exact_at(const float* logits, int y, int x) const {
+        auto v = [&](int r, int C) {
+            const float* row = logits + static_cast<size_t>(r) * kLowRes;
+            return lerp(t1_.w1[C], row[t1_.lo[C]], t1_.w[C], row[t1_.hi[C]]);
+        };
+        auto u = [&](int R, int C) { return lerp(t1_.w1[R], v(t1_.lo[R], C), t1_.w[R], v(t1_.hi[R], C)); };
+        auto s = [&](int R) { return lerp(tx_.w1[x], u(R, tx_.lo[x]), tx_.w[x], u(R, tx_.hi[x])); };
+        return lerp(ty_.w1[y], s(ty_.lo[y]), ty_.w[y], s(ty_.hi[y]));
+    }
+
+    // Labels the planned mask's on pixels (logit >= thr) with `label`; needs finite logits with
+    // |logit| <= 1e30 (see the class comment).
+    void fast(const float* logits, float thr, int32_t label, int32_t* out) {
+        if (!h_) h_.reset(new float[static_cast<size_t>(kLowRes) * W_]);
+        const float bound = 64.0f * 0x1p-24f * (max_abs() + 1.0f);
+        const float hi_t = thr + bound, lo_t = thr - bound;
+        const int r0 = cy_.i0[y0_], r1 = cy_.i2[y1_];
+        for (int r = r0; r <= r1; ++r) need_h_[r] = Span{};
+        for (int y = y0_; y <= y1_; ++y) {
+            need_h_[cy_.i0[y]].add(hot_f_[y]);
+            need_h_[cy_.i1[y]].add(hot_f_[y]);
+            need_h_[cy_.i2[y]].add(hot_f_[y]);
+        }
+        // column pass: a low-res row resampled to the final columns, computed when a final row
+        // first needs it (rows are needed in increasing order, so they are still in cache). Taps
+        // i0, i0 + 1, i0 + 2 of a row copied into a buffer padded with zeros (their coefficients
+        // are 0 there).
+        const int32_t* i0 = cx_.i0.data();
+        const float *c0 = cx_.c0.data(), *c1 = cx_.c1.data(), *c2 = cx_.c2.data();
+        float padded[kLowRes + 2];
+        padded[kLowRes] = padded[kLowRes + 1] = 0.0f;
+        int next_row = r0;
+        auto column_pass = [&](int r) {
+            if (need_h_[r].empty()) return;
+            const int32_t xa = need_h_[r].a, xb = need_h_[r].b;
+            std::memcpy(padded, logits + static_cast<size_t>(r) * kLowRes, sizeof(float) * kLowRes);
+            float* h = hrow(r);
+            for (int32_t x = xa; x <= xb; ++x) {
+                const float* t = padded + i0[x];
+                const float p = c0[x] * t[0];
+                const float q = c1[x] * t[1];
+                const float s = c2[x] * t[2];
+                h[x] = (p + q) + s;
+            }
+        };
+        // row pass and decision (spans copied to locals: the int32 stores to `out` could alias them)
+        for (int y = y0_; y <= y1_; ++y) {
+            if (hot_f_[y].empty()) continue;
+            while (next_row <= cy_.i2[y]) column_pass(next_row++);
+            const int32_t xa = hot_f_[y].a, n = hot_f_[y].b - xa + 1;
+            const float* h0 = hrow(cy_.i0[y]) + xa;
+            const float* h1 = hrow(cy_.i1[y]) + xa;
+            const float* h2 = hrow(cy_.i2[y]) + xa;
+            const float a0 = cy_.c0[y], a1 = cy_.c1[y], a2 = cy_.c2[y];
+            int32_t* o = out + static_cast<int64_t>(y) * W_ + xa;
+            unsigned unsure = 0;
+            for (int32_t i = 0; i < n; ++i) {
+                const float p = a0 * h0[i];
+                const float q = a1 * h1[i];
+                const float s = a2 * h2[i];
+                const float f = (p + q) + s;
+                o[i] = f >= hi_t ? label : o[i];
+                unsure |= static_cast<unsigned>(f >= lo_t) & static_cast<unsigned>(f < hi_t);
+            }
+            if (!unsure) continue;
+            for (int32_t i = 0; i < n; ++i) {  // the same float operations as above
+                const float p = a0 * h0[i];
+                const float q = a1 * h1[i];
+                const float s = a2 * h2[i];
+                const float f = (p + q) + s;
+                if (f >= lo_t && f < hi_t && exact_at(logits, y, xa + i) >= thr) o[i] = label;
+            }
+        }
+    }
+
    private:
+    Span hot_s(int R) const { return (R < R0_ || R > R1_) ? Span{} : hot_s_[R]; }
     float* vrow(int r) { return v_.get() + static_cast<size_t>(r) * kModelSize; }
     float* urow(int R) { return u_.get() + static_cast<size_t>(R) * kModelSize; }
     float* srow(int R) { return s_.get() + static_cast<size_t>(R) * W_; }
+    float* hrow(int r) { return h_.get() + static_cast<size_t>(r) * W_; }
 
     int H_, W_;
     Taps t1_, ty_, tx_;
-    std::vector<Span> hot_, hot_v_, need_v_, hot_s_, need_s_, need_u_, hot_f_;
-    std::unique_ptr<float[]> v_, u_, s_;
+    Composed cy_, cx_;
+    std::vector<Span> hot_, hot_v_, need_v_, hot_s_, need_s_, need_u_, hot_f_, need_h_;
+    int R0_ = 0, R1_ = -1, y0_ = 0, y1_ = -1;
+    int32_t max_abs_bits_ = 0;
+    std::unique_ptr<float[]> v_, u_, s_, h_;
 };
 
 }  // namespace
@@ -232,23 +392,25 @@ void assemble_labels(const float* lowres, int64_t n, int height, int width, int3
     Upsampler up(height, width);
     for (int64_t k = 0; k < n; ++k) {
         const int32_t label = static_cast<int32_t>(k + 1);
-        up.run(lowres + static_cast<size_t>(k) * kLowRes * kLowRes, hot, false,
-               [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
-                   int32_t* o = out + static_cast<int64_t>(y) * width;
-                   for (int32_t x = s.a; x <= s.b; ++x) {
-                       const float p = w1 * sa[x];
-                       const float q = w * sb[x];
-                       const float v = p + q;
-                       o[x] = v >= thr ? label : o[x];
-                   }
-               });
+        const float* logits = lowres + static_cast<size_t>(k) * kLowRes * kLowRes;
+        if (!up.plan(logits, hot, false)) continue;
+        if (up.max_abs() <= 1e30f) {
+            up.fast(logits, thr, label, out);
+            continue;
+        }
+        up.exact(logits, [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
+            int32_t* o = out + static_cast<int64_t>(y) * width;
+            const int32_t a = s.a, b = s.b;  // locals: the int32 stores could alias the span
+            for (int32_t x = a; x <= b; ++x) o[x] = lerp(w1, sa[x], w, sb[x]) >= thr ? label : o[x];
+        });
     }
 }
 
 void upsample_logits(const float* lowres, int height, int width, float* out) {
     if (height <= 0 || width <= 0) return;
     Upsampler up(height, width);
-    up.run(lowres, 0.0f, true, [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
+    if (!up.plan(lowres, 0.0f, true)) return;
+    up.exact(lowres, [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
         float* o = out + static_cast<int64_t>(y) * width;
         blend_rows(sa, sb, w1, w, s, o);
     });
@@ -256,19 +418,42 @@ void upsample_logits(const float* lowres, int height, int width, float* out) {
 
 namespace {
 
+struct Run {  // pixels [c0, c1] of row r
+    int32_t r, c0, c1;
+};
+
 struct Box {
     int32_t r0 = INT32_MAX, r1 = -1, c0 = INT32_MAX, c1 = -1;
-    bool empty() const { return r1 < 0; }
-    void add(int32_t r, int32_t c) {
-        r0 = std::min(r0, r);
-        r1 = std::max(r1, r);
-        c0 = std::min(c0, c);
-        c1 = std::max(c1, c);
+    void add(const Run& run) {
+        r0 = std::min(r0, run.r);
+        r1 = std::max(r1, run.r);
+        c0 = std::min(c0, run.c0);
+        c1 = std::max(c1, run.c1);
     }
 };
 
+int32_t find_root(std::vector<int32_t>& parent, int32_t i) {
+    while (parent[i] != i) {
+        parent[i] = parent[parent[i]];
+        i = parent[i];
+    }
+    return i;
+}
+
 }  // namespace
 
+// Works on runs (row segments) instead of pixels, so that a label costs about its number of
+// pixels and the height of its box, not the area of its box.
+//
+// 1. The input's runs of equal positive labels, grouped by label in row-major order; each
+//    label's bounding box from them (scipy.ndimage.find_objects).
+// 2. Labels in increasing order. The label's current pixels: its input runs where the map still
+//    holds it (an earlier label's hole filling may have overwritten some; no label gains pixels,
+//    since written labels are never larger than the one being processed).
+// 3. Holes: the background (everything != label) of each box row is a set of intervals between
+//    the label's runs; intervals in adjacent rows that share a column are 4-connected (union-find);
+//    a component that reaches the box border (first/last row or column) is not a hole. This is
+//    scipy.ndimage.binary_fill_holes (cross-shaped structure, border_value 1) inside the box.
 void fill_holes_and_remove_small_masks(int32_t* m, int height, int width, int64_t min_size) {
     const int64_t n = static_cast<int64_t>(height) * width;
     if (n <= 0) return;
@@ -276,89 +461,130 @@ void fill_holes_and_remove_small_masks(int32_t* m, int height, int width, int64_
     for (int64_t i = 0; i < n; ++i) max_label = std::max(max_label, m[i]);
     if (max_label <= 0) return;
 
-    // scipy.ndimage.find_objects on the input: bounding boxes of the positive labels, in
-    // increasing label order (labels <= 0 are background)
-    std::vector<int32_t> ids;
-    std::vector<Box> boxes;
-    if (static_cast<int64_t>(max_label) <= std::max<int64_t>(n, 1 << 16)) {
-        std::vector<Box> by_label(static_cast<size_t>(max_label) + 1);
-        for (int32_t r = 0; r < height; ++r) {
-            const int32_t* row = m + static_cast<int64_t>(r) * width;
-            for (int32_t c = 0; c < width; ++c)
-                if (row[c] > 0) by_label[row[c]].add(r, c);
-        }
-        for (int32_t v = 1; v <= max_label; ++v)
-            if (!by_label[v].empty()) {
-                ids.push_back(v);
-                boxes.push_back(by_label[v]);
+    // 1. runs of positive labels, with their label
+    std::vector<Run> runs;
+    std::vector<int32_t> run_label;
+    for (int32_t r = 0; r < height; ++r) {
+        const int32_t* row = m + static_cast<int64_t>(r) * width;
+        int32_t c = 0;
+        while (c < width) {
+            const int32_t v = row[c];
+            int32_t e = c + 1;
+            while (e < width && row[e] == v) ++e;
+            if (v > 0) {
+                runs.push_back({r, c, e - 1});
+                run_label.push_back(v);
             }
-    } else {  // sparse, very large label values
-        for (int64_t i = 0; i < n; ++i)
-            if (m[i] > 0) ids.push_back(m[i]);
-        std::sort(ids.begin(), ids.end());
-        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
-        boxes.resize(ids.size());
-        for (int32_t r = 0; r < height; ++r) {
-            const int32_t* row = m + static_cast<int64_t>(r) * width;
-            for (int32_t c = 0; c < width; ++c)
-                if (row[c] > 0) boxes[std::lower_bound(ids.begin(), ids.end(), row[c]) - ids.begin()].add(r, c);
+            c = e;
         }
     }
+    // present labels in increasing order, and each run's label index
+    std::vector<int32_t> ids;
+    std::vector<int32_t> run_index(runs.size());
+    if (static_cast<int64_t>(max_label) <= std::max<int64_t>(n, 1 << 16)) {
+        std::vector<int32_t> slot(static_cast<size_t>(max_label) + 1, -1);
+        for (int32_t v : run_label) slot[v] = 0;
+        for (int32_t v = 1; v <= max_label; ++v)
+            if (slot[v] == 0) {
+                slot[v] = static_cast<int32_t>(ids.size());
+                ids.push_back(v);
+            }
+        for (size_t i = 0; i < runs.size(); ++i) run_index[i] = slot[run_label[i]];
+    } else {  // sparse, very large label values
+        ids = run_label;
+        std::sort(ids.begin(), ids.end());
+        ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+        for (size_t i = 0; i < runs.size(); ++i)
+            run_index[i] = static_cast<int32_t>(std::lower_bound(ids.begin(), ids.end(), run_label[i]) - ids.begin());
+    }
+    // group the runs by label (stable: row-major order within a label), boxes
+    const size_t nl = ids.size();
+    std::vector<int64_t> start(nl + 1, 0);
+    for (int32_t k : run_index) ++start[k + 1];
+    for (size_t k = 0; k < nl; ++k) start[k + 1] += start[k];
+    std::vector<Run> grouped(runs.size());
+    {
+        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        for (size_t i = 0; i < runs.size(); ++i) grouped[fill[run_index[i]]++] = runs[i];
+    }
+    std::vector<Run>().swap(runs);
+    std::vector<int32_t>().swap(run_label);
+    std::vector<int32_t>().swap(run_index);
 
     int32_t next = 0;  // labels written so far (the official loop's j)
-    std::vector<uint8_t> reached;
-    std::vector<int32_t> stack;
-    for (size_t k = 0; k < ids.size(); ++k) {
+    std::vector<Run> cur, gaps;
+    std::vector<int32_t> parent, gap_row_start;
+    std::vector<uint8_t> border;
+    for (size_t k = 0; k < nl; ++k) {
         const int32_t v = ids[k];
-        const Box& b = boxes[k];
-        const int32_t h = b.r1 - b.r0 + 1, w = b.c1 - b.c0 + 1;
-        auto at = [&](int32_t i, int32_t j) -> int32_t& {
-            return m[static_cast<int64_t>(b.r0 + i) * width + (b.c0 + j)];
-        };
-        // pixels of v now (earlier labels' hole filling may have overwritten some)
+        Box b;
+        for (int64_t i = start[k]; i < start[k + 1]; ++i) b.add(grouped[i]);
+        // 2. current pixels
+        cur.clear();
         int64_t npix = 0;
-        for (int32_t i = 0; i < h; ++i)
-            for (int32_t j = 0; j < w; ++j) npix += at(i, j) == v;
+        for (int64_t i = start[k]; i < start[k + 1]; ++i) {
+            const Run& run = grouped[i];
+            const int32_t* row = m + static_cast<int64_t>(run.r) * width;
+            int32_t c = run.c0;
+            while (c <= run.c1) {
+                while (c <= run.c1 && row[c] != v) ++c;
+                if (c > run.c1) break;
+                int32_t e = c;
+                while (e + 1 <= run.c1 && row[e + 1] == v) ++e;
+                cur.push_back({run.r, c, e});
+                npix += e - c + 1;
+                c = e + 1;
+            }
+        }
         if (min_size > 0 && npix < min_size) {
-            for (int32_t i = 0; i < h; ++i)
-                for (int32_t j = 0; j < w; ++j)
-                    if (at(i, j) == v) at(i, j) = 0;
+            for (const Run& run : cur) std::fill(m + int64_t(run.r) * width + run.c0, m + int64_t(run.r) * width + run.c1 + 1, 0);
             continue;
         }
         if (npix == 0) continue;
         ++next;
-        // scipy.ndimage.binary_fill_holes inside the box: the background (!= v) 4-connected to
-        // the box border stays; everything else (v and the enclosed holes) becomes `next`
-        const size_t area = static_cast<size_t>(h) * static_cast<size_t>(w);
-        reached.assign(area, 0);
-        stack.clear();
-        auto visit = [&](int32_t i, int32_t j) {
-            const size_t idx = static_cast<size_t>(i) * w + j;
-            if (!reached[idx] && at(i, j) != v) {
-                reached[idx] = 1;
-                stack.push_back(static_cast<int32_t>(idx));
+        // 3. background intervals of each box row, row by row (cur is in row-major order)
+        gaps.clear();
+        gap_row_start.assign(static_cast<size_t>(b.r1 - b.r0) + 2, 0);
+        size_t ci = 0;
+        for (int32_t r = b.r0; r <= b.r1; ++r) {
+            gap_row_start[r - b.r0] = static_cast<int32_t>(gaps.size());
+            int32_t pos = b.c0;
+            for (; ci < cur.size() && cur[ci].r == r; ++ci) {
+                if (cur[ci].c0 > pos) gaps.push_back({r, pos, cur[ci].c0 - 1});
+                pos = cur[ci].c1 + 1;
             }
-        };
-        for (int32_t j = 0; j < w; ++j) {
-            visit(0, j);
-            visit(h - 1, j);
+            if (pos <= b.c1) gaps.push_back({r, pos, b.c1});
         }
-        for (int32_t i = 0; i < h; ++i) {
-            visit(i, 0);
-            visit(i, w - 1);
+        gap_row_start[b.r1 - b.r0 + 1] = static_cast<int32_t>(gaps.size());
+        const int32_t ng = static_cast<int32_t>(gaps.size());
+        parent.resize(ng);
+        for (int32_t i = 0; i < ng; ++i) parent[i] = i;
+        for (int32_t r = b.r0; r < b.r1; ++r) {  // rows r and r + 1: union the overlapping intervals
+            int32_t i = gap_row_start[r - b.r0], ie = gap_row_start[r - b.r0 + 1];
+            int32_t j = ie, je = gap_row_start[r - b.r0 + 2];
+            while (i < ie && j < je) {
+                if (gaps[i].c0 <= gaps[j].c1 && gaps[j].c0 <= gaps[i].c1) {
+                    const int32_t ri = find_root(parent, i), rj = find_root(parent, j);
+                    if (ri != rj) parent[std::max(ri, rj)] = std::min(ri, rj);
+                }
+                if (gaps[i].c1 < gaps[j].c1)
+                    ++i;
+                else
+                    ++j;
+            }
         }
-        while (!stack.empty()) {
-            const int32_t idx = stack.back();
-            stack.pop_back();
-            const int32_t i = idx / w, j = idx % w;
-            if (i > 0) visit(i - 1, j);
-            if (i + 1 < h) visit(i + 1, j);
-            if (j > 0) visit(i, j - 1);
-            if (j + 1 < w) visit(i, j + 1);
+        border.assign(ng, 0);
+        for (int32_t i = 0; i < ng; ++i) {
+            const Run& g = gaps[i];
+            if (g.r == b.r0 || g.r == b.r1 || g.c0 == b.c0 || g.c1 == b.c1) border[find_root(parent, i)] = 1;
         }
-        for (int32_t i = 0; i < h; ++i)
-            for (int32_t j = 0; j < w; ++j)
-                if (!reached[static_cast<size_t>(i) * w + j]) at(i, j) = next;
+        // write: the label's pixels and its holes
+        for (const Run& run : cur) std::fill(m + int64_t(run.r) * width + run.c0, m + int64_t(run.r) * width + run.c1 + 1, next);
+        for (int32_t i = 0; i < ng; ++i)
+            if (!border[find_root(parent, i)]) {
+                const Run& g = gaps[i];
+                std::fill(m + int64_t(g.r) * width + g.c0, m + int64_t(g.r) * width + g.c1 + 1, next);
+            }
     }
 }
 
