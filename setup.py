@@ -25,11 +25,13 @@ class BuildNative(build_ext):
             flags = ["/std:c++17", "/O2", "/EHsc", "/fp:precise"]
         else:
             # -ffp-contract=off: no fused multiply-adds, the float32 arithmetic must match NumPy's
-            flags = ["-std=c++17", "-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+            flags = ["-std=c++17", "-O3", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"]
         self._check_compiler(flags)
         for ext in self.extensions:
             ext.include_dirs.append(pybind11.get_include())
             ext.extra_compile_args = flags + list(ext.extra_compile_args or [])
+            if self.compiler.compiler_type != "msvc":
+                ext.extra_link_args = ["-pthread"] + list(ext.extra_link_args or [])
         super().build_extensions()
 
     def _check_compiler(self, flags):

@@ -7,7 +7,8 @@ first time, then cached as .npy under ~/.cache/cellsam-trt). Two workloads:
 * ``kept``: the masks with IoU prediction >= 0.5 (the pipeline's real input);
 * ``all``:  all 620 masks (a stress case).
 
-Routes, measured in the same run, each ``--repeats`` times (median reported):
+Routes, measured in the same run, each ``--repeats`` times, interleaved round by round so that
+a shared machine's load weighs on all of them alike (median reported):
 
 * ``native``: ``cellsam_trt._native.assemble_labels`` (single thread);
 * ``numpy``:  ``tests/reference_postprocess.assemble_labels`` (the former runtime code);
@@ -105,14 +106,18 @@ def lowres_logits(g: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     return lowres, iou
 
 
-def timed(fn, repeats: int) -> tuple[dict, object]:
-    out = fn()  # warm-up (also the result)
-    times = []
+def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Times each callable ``repeats`` times, interleaved (one run of each per round) so that a
+    shared machine's load weighs on all routes alike. Returns ({name: timings}, {name: result})."""
+    results = {name: fn() for name, fn in fns.items()}  # warm-up (also the results)
+    runs = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}, out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append((time.perf_counter() - t0) * 1e3)
+    return ({name: {"median_ms": statistics.median(t), "min_ms": min(t), "runs_ms": t} for name, t in runs.items()},
+            results)
 
 
 def main(argv=None) -> int:
@@ -137,32 +142,35 @@ def main(argv=None) -> int:
               "kept_matches_golden": bool(np.array_equal(keep, g["kept"])), "assemble": {}, "fill_holes": {}}
 
     for name, lowres in workloads.items():
-        r = {"masks": len(lowres)}
-        r["native"], lab_native = timed(lambda: _native.assemble_labels(lowres, h, w), args.repeats)
-        r["numpy"], lab_numpy = timed(lambda: ref.assemble_labels(lowres, h, w), args.repeats)
-        r["torch"], lab_torch = timed(lambda: ref.torch_assemble_labels(lowres, h, w), args.repeats)
-        r["pixels_native_vs_numpy_differing"] = int((lab_native != lab_numpy).sum())
-        r["pixels_native_vs_torch_differing"] = int((lab_native != lab_torch).sum())
+        timings, labels = timed({"native": lambda: _native.assemble_labels(lowres, h, w),
+                                 "numpy": lambda: ref.assemble_labels(lowres, h, w),
+                                 "torch": lambda: ref.torch_assemble_labels(lowres, h, w)}, args.repeats)
+        r = {"masks": len(lowres), **timings}
+        lab_native = labels["native"]
+        r["pixels_native_vs_numpy_differing"] = int((lab_native != labels["numpy"]).sum())
+        r["pixels_native_vs_torch_differing"] = int((lab_native != labels["torch"]).sum())
         if name == "kept":
-            r["agreement_with_golden_labels_raw"] = float((lab_native == g["labels_raw"]).mean())
+            r["pixels_native_vs_golden_labels_raw_differing"] = int((lab_native != g["labels_raw"]).sum())
         for route in ("numpy", "torch"):
             r[f"speedup_vs_{route}"] = r[route]["median_ms"] / r["native"]["median_ms"]
         result["assemble"][name] = r
 
-        f = {}
-        f["native"], fill_native = timed(lambda: _native.fill_holes_and_remove_small_masks(lab_native, 25), args.repeats)
-        f["scipy"], fill_scipy = timed(lambda: ref.fill_holes_and_remove_small_masks(lab_native, 25), args.repeats)
-        f["identical"] = bool(np.array_equal(fill_native, fill_scipy))
+        timings, filled = timed({"native": lambda: _native.fill_holes_and_remove_small_masks(lab_native, 25),
+                                 "scipy": lambda: ref.fill_holes_and_remove_small_masks(lab_native, 25)}, args.repeats)
+        f = dict(timings)
+        f["identical"] = bool(np.array_equal(filled["native"], filled["scipy"]))
         f["speedup_vs_scipy"] = f["scipy"]["median_ms"] / f["native"]["median_ms"]
         if name == "kept":
-            f["agreement_with_golden_mask"] = float((fill_native == g["mask"]).mean())
+            f["pixels_vs_golden_mask_differing"] = int((filled["native"] != g["mask"]).sum())
         result["fill_holes"][name] = f
+    result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     m = result["machine"]
-    print(f"{CASE} {h}x{w}; {m['cpu_model']}, {m['cores']} cores, load {m['load_average']}; "
+    print(f"{CASE} {h}x{w}; {m['cpu_model']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} -> "
+          f"{m['load_average_after'][0]:.1f}; "
           f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}; median of {args.repeats}")
     print(f"{'step':<10} {'masks':>5} {'route':<7} {'median ms':>10} {'min ms':>9} {'native x':>9}")
     for name, r in result["assemble"].items():

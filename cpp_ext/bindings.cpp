@@ -21,7 +21,7 @@ int checked_size(int64_t v, const char* name) {
     return static_cast<int>(v);
 }
 
-py::array_t<int32_t> assemble_labels(FloatIn lowres, int64_t height, int64_t width) {
+py::array_t<int32_t> assemble_labels(FloatIn lowres, int64_t height, int64_t width, int threads) {
     if (lowres.ndim() != 3 || lowres.shape(1) != cellsam::kLowRes || lowres.shape(2) != cellsam::kLowRes)
         throw py::value_error("assemble_labels: lowres must have shape (N, 256, 256)");
     const int h = checked_size(height, "height"), w = checked_size(width, "width");
@@ -32,7 +32,7 @@ py::array_t<int32_t> assemble_labels(FloatIn lowres, int64_t height, int64_t wid
     {
         py::gil_scoped_release release;
         std::memset(o, 0, sizeof(int32_t) * static_cast<size_t>(h) * static_cast<size_t>(w));
-        cellsam::assemble_labels(in, n, h, w, o);
+        cellsam::assemble_labels(in, n, h, w, o, threads);
     }
     return out;
 }
@@ -93,6 +93,7 @@ PYBIND11_MODULE(_native, m) {
     m.attr("LOGIT_THRESHOLD") = cellsam::mask_logit_threshold();
 
     m.def("assemble_labels", &assemble_labels, py::arg("lowres"), py::arg("height"), py::arg("width"),
+          py::arg("threads") = 1,
           R"doc(Kept masks' low-res logits -> label map.
 
 lowres: float32 (N, 256, 256) mask-decoder logits (other float dtypes are cast to float32).
@@ -102,7 +103,8 @@ wins an overlap. Per mask: bilinear upsampling (align_corners=False, no antialia
 -> (height, width), width pass then height pass, in float32 exactly as the NumPy reference;
 on = float32(sigmoid(logit)) > 0.4 with a correctly rounded sigmoid, i.e. logit >=
 LOGIT_THRESHOLD (-0.405465, 1e-7 above log(0.4 / 0.6)). Only the pixels a mask can reach are
-computed. Releases the GIL.)doc");
+computed. threads: bands of rows computed in parallel (0: one per core, at most 8; each band
+of at least 32 rows); the result does not depend on it. Releases the GIL.)doc");
 
     m.def("upsample_logits", &upsample_logits, py::arg("logits"), py::arg("height"), py::arg("width"),
           R"doc(One mask's float32 (256, 256) logits -> its interpolated float32 logits (height, width)

@@ -13,9 +13,16 @@
 #include <climits>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <thread>
 #include <stdexcept>
 #include <unordered_map>
+
+#if defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)
+#define CELLSAM_SSE2 1
+#include <emmintrin.h>
+#endif
 #include <unordered_set>
 
 namespace cellsam {
@@ -170,8 +177,11 @@ Composed compose(const Taps& t1, const Taps& t2) {
 // with a non-finite or huge (> 1e30) logit take exact() instead.
 class Upsampler {
    public:
-    Upsampler(int height, int width)
+    // Computes the final rows [row_begin, row_end) only (a band; the whole image by default).
+    Upsampler(int height, int width, int row_begin = 0, int row_end = INT_MAX)
         : H_(height),
+          band0_(std::max(0, row_begin)),
+          band1_(std::min(height, row_end) - 1),
           W_(width),
           t1_(make_taps(kLowRes, kModelSize)),
           ty_(make_taps(kModelSize, height)),
@@ -234,7 +244,7 @@ class Upsampler {
             u.add(hot_v(t1_.hi[R]));
             hot_s_[R] = forward(tx_, u);
         }
-        y0_ = ty_.first_out[R0_], y1_ = ty_.last_out[R1_];
+        y0_ = std::max(ty_.first_out[R0_], band0_), y1_ = std::min(ty_.last_out[R1_], band1_);
         if (y0_ > y1_) return false;
         bool any = false;
         for (int y = y0_; y <= y1_; ++y) {
@@ -304,7 +314,15 @@ class Upsampler {
     // Labels the planned mask's on pixels (logit >= thr) with `label`; needs finite logits with
     // |logit| <= 1e30 (see the class comment).
     void fast(const float* logits, float thr, int32_t label, int32_t* out) {
-        if (!h_) h_.reset(new float[static_cast<size_t>(kLowRes) * W_]);
+        if (!h_) {
+            h_.reset(new float[static_cast<size_t>(kLowRes) * W_]);
+            coef4_.assign(static_cast<size_t>(4) * W_, 0.0f);  // (c0, c1, c2, 0) per column
+            for (int x = 0; x < W_; ++x) {
+                coef4_[4 * x] = cx_.c0[x];
+                coef4_[4 * x + 1] = cx_.c1[x];
+                coef4_[4 * x + 2] = cx_.c2[x];
+            }
+        }
         const float bound = 64.0f * 0x1p-24f * (max_abs() + 1.0f);
         const float hi_t = thr + bound, lo_t = thr - bound;
         const int r0 = cy_.i0[y0_], r1 = cy_.i2[y1_];
@@ -320,15 +338,29 @@ class Upsampler {
         // are 0 there).
         const int32_t* i0 = cx_.i0.data();
         const float *c0 = cx_.c0.data(), *c1 = cx_.c1.data(), *c2 = cx_.c2.data();
-        float padded[kLowRes + 2];
-        padded[kLowRes] = padded[kLowRes + 1] = 0.0f;
+        float padded[kLowRes + 3];
+        padded[kLowRes] = padded[kLowRes + 1] = padded[kLowRes + 2] = 0.0f;
         int next_row = r0;
         auto column_pass = [&](int r) {
             if (need_h_[r].empty()) return;
             const int32_t xa = need_h_[r].a, xb = need_h_[r].b;
             std::memcpy(padded, logits + static_cast<size_t>(r) * kLowRes, sizeof(float) * kLowRes);
             float* h = hrow(r);
-            for (int32_t x = xa; x <= xb; ++x) {
+            int32_t x = xa;
+#if defined(CELLSAM_SSE2)
+            // four columns at a time: (c0, c1, c2, 0) * (t[0], t[1], t[2], t[3]) per column, then a
+            // transpose, so that h = (p + q) + s with the same float32 operations as the loop below
+            const float* c4 = coef4_.data();
+            for (; x + 3 <= xb; x += 4) {
+                __m128 m0 = _mm_mul_ps(_mm_loadu_ps(c4 + 4 * x), _mm_loadu_ps(padded + i0[x]));
+                __m128 m1 = _mm_mul_ps(_mm_loadu_ps(c4 + 4 * x + 4), _mm_loadu_ps(padded + i0[x + 1]));
+                __m128 m2 = _mm_mul_ps(_mm_loadu_ps(c4 + 4 * x + 8), _mm_loadu_ps(padded + i0[x + 2]));
+                __m128 m3 = _mm_mul_ps(_mm_loadu_ps(c4 + 4 * x + 12), _mm_loadu_ps(padded + i0[x + 3]));
+                _MM_TRANSPOSE4_PS(m0, m1, m2, m3);  // m0 = p, m1 = q, m2 = s of x .. x + 3
+                _mm_storeu_ps(h + x, _mm_add_ps(_mm_add_ps(m0, m1), m2));
+            }
+#endif
+            for (; x <= xb; ++x) {
                 const float* t = padded + i0[x];
                 const float p = c0[x] * t[0];
                 const float q = c1[x] * t[1];
@@ -373,37 +405,64 @@ class Upsampler {
     float* srow(int R) { return s_.get() + static_cast<size_t>(R) * W_; }
     float* hrow(int r) { return h_.get() + static_cast<size_t>(r) * W_; }
 
-    int H_, W_;
+    int H_, band0_, band1_, W_;
     Taps t1_, ty_, tx_;
     Composed cy_, cx_;
     std::vector<Span> hot_, hot_v_, need_v_, hot_s_, need_s_, need_u_, hot_f_, need_h_;
     int R0_ = 0, R1_ = -1, y0_ = 0, y1_ = -1;
     int32_t max_abs_bits_ = 0;
+    std::vector<float> coef4_;
     std::unique_ptr<float[]> v_, u_, s_, h_;
 };
 
 }  // namespace
 
-void assemble_labels(const float* lowres, int64_t n, int height, int width, int32_t* out) {
+void assemble_labels(const float* lowres, int64_t n, int height, int width, int32_t* out, int threads) {
     if (n <= 0 || height <= 0 || width <= 0) return;
     if (n > INT32_MAX) throw std::invalid_argument("assemble_labels: more than 2**31 - 1 masks");
     const float thr = mask_logit_threshold();
     const float hot = thr - 1e-3f;
-    Upsampler up(height, width);
-    for (int64_t k = 0; k < n; ++k) {
-        const int32_t label = static_cast<int32_t>(k + 1);
-        const float* logits = lowres + static_cast<size_t>(k) * kLowRes * kLowRes;
-        if (!up.plan(logits, hot, false)) continue;
-        if (up.max_abs() <= 1e30f) {
-            up.fast(logits, thr, label, out);
-            continue;
+    // each thread takes a band of rows and goes through all masks in order: every pixel is
+    // written by one thread, in mask order, so the result does not depend on the thread count
+    int nthreads = threads > 0 ? threads : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency())));
+    nthreads = std::max(1, std::min(nthreads, height / 32));
+    auto band = [&](int row_begin, int row_end) {
+        Upsampler up(height, width, row_begin, row_end);
+        for (int64_t k = 0; k < n; ++k) {
+            const int32_t label = static_cast<int32_t>(k + 1);
+            const float* logits = lowres + static_cast<size_t>(k) * kLowRes * kLowRes;
+            if (!up.plan(logits, hot, false)) continue;
+            if (up.max_abs() <= 1e30f) {
+                up.fast(logits, thr, label, out);
+                continue;
+            }
+            up.exact(logits, [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
+                int32_t* o = out + static_cast<int64_t>(y) * width;
+                const int32_t a = s.a, b = s.b;  // locals: the int32 stores could alias the span
+                for (int32_t x = a; x <= b; ++x) o[x] = lerp(w1, sa[x], w, sb[x]) >= thr ? label : o[x];
+            });
         }
-        up.exact(logits, [&](int y, const Span& s, const float* sa, const float* sb, float w1, float w) {
-            int32_t* o = out + static_cast<int64_t>(y) * width;
-            const int32_t a = s.a, b = s.b;  // locals: the int32 stores could alias the span
-            for (int32_t x = a; x <= b; ++x) o[x] = lerp(w1, sa[x], w, sb[x]) >= thr ? label : o[x];
+    };
+    if (nthreads == 1) {
+        band(0, height);
+        return;
+    }
+    std::vector<std::thread> pool;
+    std::vector<std::exception_ptr> errors(nthreads);
+    for (int t = 0; t < nthreads; ++t) {
+        const int row_begin = static_cast<int>(static_cast<int64_t>(height) * t / nthreads);
+        const int row_end = static_cast<int>(static_cast<int64_t>(height) * (t + 1) / nthreads);
+        pool.emplace_back([&, t, row_begin, row_end] {
+            try {
+                band(row_begin, row_end);
+            } catch (...) {
+                errors[t] = std::current_exception();
+            }
         });
     }
+    for (auto& th : pool) th.join();
+    for (auto& e : errors)
+        if (e) std::rethrow_exception(e);
 }
 
 void upsample_logits(const float* lowres, int height, int width, float* out) {

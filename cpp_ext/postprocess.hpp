@@ -33,7 +33,9 @@ Taps make_taps(int n_in, int n_out);
 
 // lowres: n masks of (256, 256) float32 logits, C order. out: (height, width) int32, must be
 // zero on entry. Mask k (0-based) writes label k + 1 where it is on; a later mask wins.
-void assemble_labels(const float* lowres, int64_t n, int height, int width, int32_t* out);
+// threads: bands of rows computed in parallel (<= 0: one per core, at most 8); the result does
+// not depend on it.
+void assemble_labels(const float* lowres, int64_t n, int height, int width, int32_t* out, int threads = 1);
 
 // One mask, every output pixel: the interpolated float32 logits (height, width). For tests.
 void upsample_logits(const float* lowres, int height, int width, float* out);

@@ -150,6 +150,21 @@ def test_assemble_single_pixel_and_corners():
             assert_labels_match_reference(ours, ref.assemble_labels(lowres, *hw), lowres, *hw)
 
 
+def test_assemble_special_values_take_the_exact_path():
+    """NaN, +-inf and huge logits (> 1e30) send a mask through the four exact passes."""
+    rng = np.random.default_rng(4)
+    lowres = blobs(rng, 5)
+    lowres[0, 50, 50] = np.nan
+    lowres[1, 60:70, 60:70] = np.inf
+    lowres[2, 0, 0] = -np.inf
+    lowres[3, 128, 128] = 3e38
+    lowres[4, 200:205, 10:15] = -2e31
+    for hw in [(512, 512), (470, 486), (2000, 700), (7, 9)]:
+        with np.errstate(invalid="ignore", over="ignore"):
+            want = oracle_labels(lowres, *hw)
+        np.testing.assert_array_equal(_native.assemble_labels(lowres, *hw), want)
+
+
 def test_assemble_later_mask_wins_and_border_masks():
     lowres = np.full((2, 256, 256), -10, np.float32)
     lowres[0, :128, :128] = 10  # touches the top-left border
@@ -177,6 +192,16 @@ def test_assemble_two_distant_hot_regions():
     hw = (600, 900)
     ours = _native.assemble_labels(lowres, *hw)
     np.testing.assert_array_equal(ours, oracle_labels(lowres, *hw))
+
+
+def test_assemble_threads_do_not_change_the_result():
+    rng = np.random.default_rng(11)
+    lowres = blobs(rng, 40, noise=3.0)
+    lowres[3, 100:110, 100:110] = np.inf  # one mask on the exact (non-finite) path
+    for hw in [(512, 512), (2000, 700), (40, 900), (7, 9)]:
+        one = _native.assemble_labels(lowres, *hw, threads=1)
+        for threads in (2, 3, 5, 0):
+            np.testing.assert_array_equal(_native.assemble_labels(lowres, *hw, threads=threads), one)
 
 
 def test_assemble_input_checks():
