@@ -1,11 +1,12 @@
 // Native post-processing for cellsam-trt (see postprocess.hpp).
 //
-// Exactness: every interpolated value is computed with the same float32 operations, in the
-// same order, as the NumPy reference (tests/reference_postprocess.py): a width pass then a
-// height pass per stage, value = (1 - w) * a + w * b with each product and the sum rounded to
-// float32. setup.py compiles with -ffp-contract=off so that no compiler fuses them into an FMA.
-// Each value depends only on its own taps, so computing it on a smaller region than the
-// reference does not change it.
+// Exactness: the label maps are those of the reference arithmetic (tests/reference_postprocess.py):
+// per stage a width pass then a height pass, value = (1 - w) * a + w * b with each product and
+// the sum rounded to float32. Where a value is computed that way (exact(), exact_at(),
+// upsample_logits) it uses the same float32 operations in the same order; setup.py compiles
+// with -ffp-contract=off so that no compiler fuses them into an FMA. Each value depends only on
+// its own taps, so computing it on a smaller region than the reference does not change it. The
+// fast path (Upsampler::fast) decides only pixels that an error bound proves it decides alike.
 
 #include "postprocess.hpp"
 
@@ -15,15 +16,15 @@
 #include <cstring>
 #include <exception>
 #include <memory>
-#include <thread>
 #include <stdexcept>
+#include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #if defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)
 #define CELLSAM_SSE2 1
 #include <emmintrin.h>
 #endif
-#include <unordered_set>
 
 namespace cellsam {
 

@@ -476,7 +476,8 @@ def test_golden_full_label_maps(reference, full_models, case):
     n_numpy = assert_labels_match_reference(ours, ref.assemble_labels(kept, h, w), kept, h, w)
     final = label_ops.fill_holes_and_remove_small_masks(ours, 25)
     final_agree = float((final == g["mask"]).mean())
-    record(case, native_raw_label_agreement=agree, native_final_label_agreement=final_agree,
+    record(case, native_raw_label_agreement=agree, native_raw_differing_pixels=int((ours != g["labels_raw"]).sum()),
+           native_final_label_agreement=final_agree, native_final_differing_pixels=int((final != g["mask"]).sum()),
            native_vs_numpy_differing_pixels=n_numpy, kept=int(keep.sum()))
     assert agree >= 0.999
     assert final_agree >= 0.999
