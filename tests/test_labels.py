@@ -1,25 +1,15 @@
-"""Label assembly and hole filling against plain reference implementations."""
+"""The pipeline's label assembly and hole filling (cellsam_trt.labels, native) against the
+official per-mask PyTorch route and the plain NumPy/SciPy references."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
+import reference_postprocess as ref
 from cellsam_trt.labels import assemble_labels, fill_holes_and_remove_small_masks
 
 torch = pytest.importorskip("torch")
-
-
-def reference_labels(lowres: np.ndarray, h: int, w: int):
-    """The official per-mask route: two torch bilinear upsamplings, sigmoid > 0.4, later wins.
-    Also returns the interpolated logits, to judge disagreeing pixels."""
-    t = torch.from_numpy(lowres)[:, None]
-    up = torch.nn.functional.interpolate(t, (1024, 1024), mode="bilinear", align_corners=False)
-    up = torch.nn.functional.interpolate(up, (h, w), mode="bilinear", align_corners=False)[:, 0]
-    on = (torch.sigmoid(up) > 0.4).numpy()
-    labels = (on * np.arange(1, len(on) + 1)[:, None, None]).max(0) if len(on) else np.zeros((h, w), int)
-    return labels, up.numpy()
 
 
 def blobs(rng, n, size=256):
@@ -36,15 +26,17 @@ def test_assembly_matches_official_route(hw):
     rng = np.random.default_rng(hw[0])
     lowres = blobs(rng, 12)
     ours = assemble_labels(lowres, *hw)
-    ref, logits = reference_labels(lowres, *hw)
-    diff = ours != ref
+    official, logits = ref.torch_assemble_labels(lowres, *hw, return_logits=True)
+    diff = ours != official
     # wherever a pixel differs, the deciding mask's interpolated logit sits on the threshold
     if diff.any():
         thr = np.log(0.4 / 0.6)
         for y, x in zip(*np.nonzero(diff)):
-            k = max(ours[y, x], ref[y, x]) - 1
+            k = max(ours[y, x], official[y, x]) - 1
             assert abs(logits[k, y, x] - thr) <= 1e-5
     assert diff.mean() < 1e-4
+    # and the NumPy reference gives the same map on these inputs (no logit near the threshold)
+    np.testing.assert_array_equal(ours, ref.assemble_labels(lowres, *hw))
 
 
 def test_empty_and_all_off():
@@ -60,23 +52,6 @@ def test_later_mask_wins_and_border_masks():
     assert out[0, 0] == 1 and out[200, 200] == 2 and out[300, 300] == 2 and out[511, 511] == 0
 
 
-def official_fill_holes(masks, min_size):
-    """cellpose / official loop, kept here as the reference."""
-    masks = masks.copy()
-    j = 0
-    for i, slc in enumerate(ndimage.find_objects(masks)):
-        if slc is not None:
-            msk = masks[slc] == (i + 1)
-            npix = msk.sum()
-            if min_size > 0 and npix < min_size:
-                masks[slc][msk] = 0
-            elif npix > 0:
-                msk = ndimage.binary_fill_holes(msk)
-                masks[slc][msk] = j + 1
-                j += 1
-    return masks
-
-
 def test_fill_holes_semantics():
     m = np.zeros((20, 20), np.int32)
     m[2:9, 2:9] = 1
@@ -85,7 +60,7 @@ def test_fill_holes_semantics():
     m[10:19, 10:19][m[10:19, 10:19] == 0] = 3
     m[14, 16] = 0
     out = fill_holes_and_remove_small_masks(m, min_size=25)
-    np.testing.assert_array_equal(out, official_fill_holes(m, 25))
+    np.testing.assert_array_equal(out, ref.fill_holes_and_remove_small_masks(m, 25))
     assert out[5, 5] == 1  # hole filled
     assert out[12, 12] == 2  # label 2 was removed, so label 3 became 2 and filled its holes over it
 
@@ -96,4 +71,4 @@ def test_fill_holes_random(seed):
     lowres = blobs(rng, int(rng.integers(1, 15)))
     labels = assemble_labels(lowres, int(rng.integers(20, 400)), int(rng.integers(20, 400)))
     np.testing.assert_array_equal(fill_holes_and_remove_small_masks(labels, 25),
-                                  official_fill_holes(labels.astype(np.int64), 25))
+                                  ref.fill_holes_and_remove_small_masks(labels.astype(np.int64), 25))
