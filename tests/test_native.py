@@ -459,14 +459,12 @@ def test_golden_first16_logits_assembly(reference, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["tissuenet_boxes", "YeaZ_boxes"])
 def test_golden_full_label_maps(reference, full_models, case):
-    """All prompts through the PyTorch model, kept ones assembled natively vs the official labels."""
-    import torch
+    """All prompts through the PyTorch model, kept ones assembled natively vs the official labels.
+    The decoder run is shared with test_golden_parity (one run per case and session)."""
+    from test_golden_parity import run_case
 
-    g = load_golden(reference, case)
-    with torch.no_grad():
-        lowres, iou = full_models["adv"].mask_sam.decode(torch.from_numpy(g["embedding"]),
-                                                         boxes=torch.from_numpy(g["boxes_prompt_1024"]))
-    lowres, iou = lowres[:, 0].numpy(), iou[:, 0].numpy()
+    g, res, _ = run_case(reference, full_models, case)
+    lowres, iou = res.lowres_logits, res.all_iou_predictions
     keep = iou >= 0.5
     np.testing.assert_array_equal(keep, g["kept"])
     kept = np.ascontiguousarray(lowres[keep])
