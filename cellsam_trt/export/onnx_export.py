@@ -350,6 +350,7 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         raise ManifestError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
                             f"(expected {FORMAT!r} v{FORMAT_VERSION})")
     for name, entry in manifest.get("models", {}).items():
-        if not (Path(model_dir) / entry["file"]).is_file():
-            raise ManifestError(f"{model_dir}: {entry['file']} listed in the manifest is missing")
+        for f in [entry["file"]] + ([entry["int8"]["file"]] if "int8" in entry else []):
+            if not (Path(model_dir) / f).is_file():
+                raise ManifestError(f"{model_dir}: {f} ({name}) listed in the manifest is missing")
     return manifest

@@ -8,6 +8,7 @@ one (TensorRT wants explicit Q/DQ): ``trt_compat`` is not applied to these files
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -28,8 +29,13 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, per_channel: b
     src, dst = Path(src), Path(dst)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "q.onnx"
-        quantize_dynamic(src, raw, op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                         weight_type=QuantType.QInt8)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # its "consider pre-processing" advice, printed every time
+        try:
+            quantize_dynamic(src, raw, op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                             weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(previous)
         model = onnx.load(str(raw))
     model.ir_version = min(model.ir_version, IR_VERSION)
     meta = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
