@@ -92,6 +92,21 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def trt_provider_options(spec: S.ModelSpec, cfg: OrtConfig) -> dict:
+    """TensorRT execution-provider options for one graph: its optimization profile (min / opt /
+    max shape of every input, from the spec), FP16 and the engine cache."""
+    prof = S.profile_shapes(spec)
+    opts = {
+        "device_id": cfg.device_id, "trt_fp16_enable": cfg.trt_fp16,
+        "trt_profile_min_shapes": ",".join(f"{k}:{_shape_str(v[0])}" for k, v in prof.items()),
+        "trt_profile_opt_shapes": ",".join(f"{k}:{_shape_str(v[1])}" for k, v in prof.items()),
+        "trt_profile_max_shapes": ",".join(f"{k}:{_shape_str(v[2])}" for k, v in prof.items()),
+    }
+    if cfg.trt_cache_dir:
+        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cfg.trt_cache_dir))
+    return opts
+
+
 class OrtBackend:
     """Runs the graphs of an export directory with ONNX Runtime."""
 
@@ -136,16 +151,7 @@ class OrtBackend:
         out = []
         for p in self.providers:
             if p == "TensorrtExecutionProvider":
-                prof = S.profile_shapes(self.specs[name])
-                opts = {
-                    "device_id": cfg.device_id, "trt_fp16_enable": cfg.trt_fp16,
-                    "trt_profile_min_shapes": ",".join(f"{k}:{_shape_str(v[0])}" for k, v in prof.items()),
-                    "trt_profile_opt_shapes": ",".join(f"{k}:{_shape_str(v[1])}" for k, v in prof.items()),
-                    "trt_profile_max_shapes": ",".join(f"{k}:{_shape_str(v[2])}" for k, v in prof.items()),
-                }
-                if cfg.trt_cache_dir:
-                    opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cfg.trt_cache_dir))
-                out.append((p, opts))
+                out.append((p, trt_provider_options(self.specs[name], cfg)))
             elif p == "CUDAExecutionProvider":
                 out.append((p, {"device_id": cfg.device_id}))
             else:
