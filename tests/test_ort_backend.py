@@ -10,7 +10,9 @@ from cellsam_trt.engine.base import Backend
 from cellsam_trt.engine.ort_backend import OrtBackend, OrtConfig, ProviderError, resolve_providers, trt_provider_options
 from cellsam_trt.engine.torch_backend import TorchBackend
 from cellsam_trt.export import specs as S
-from cellsam_trt.pipeline import CellSAMPipeline
+from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+
+KEEP_ALL = SegmentSettings(iou_threshold=-1e9)  # the tiny random model predicts low IoUs: keep every mask
 
 from test_pipeline import cells_image
 
@@ -28,22 +30,22 @@ def test_is_a_backend(ort_backend):
 
 def test_box_prompts_match_torch(ort_backend, tiny_model):
     img, boxes = cells_image()
-    a = CellSAMPipeline(TorchBackend(tiny_model), keep_logits=True).segment(img, boxes=boxes, return_embedding=True)
-    b = CellSAMPipeline(ort_backend, keep_logits=True).segment(img, boxes=boxes, return_embedding=True)
+    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
+    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
     assert np.abs(a.embedding - b.embedding).max() <= 1e-4
     assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
     np.testing.assert_allclose(a.all_iou_predictions, b.all_iou_predictions, atol=1e-5)
     np.testing.assert_array_equal(a.prompt_index, b.prompt_index)
-    assert (a.labels == b.labels).mean() >= 0.999
+    assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
 
 
 def test_point_prompts_match_torch(ort_backend, tiny_model):
     img, boxes = cells_image(seed=1)
     pts = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]
-    a = CellSAMPipeline(TorchBackend(tiny_model), keep_logits=True).segment(img, points=pts)
-    b = CellSAMPipeline(ort_backend, keep_logits=True).segment(img, points=pts)
+    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, points=pts)
+    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, points=pts)
     assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
-    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
 
 
 def test_automatic_mode_matches_torch(ort_backend, tiny_model):
