@@ -17,6 +17,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-seed", type=int, default=0, help="use the synthetic checkpoint of this seed")
     p.add_argument("--out", required=True, help="export directory (created; existing graphs are replaced)")
     p.add_argument("--int8", action="store_true", help="also write dynamic-INT8 image encoder and CellFinder (CPU)")
+    p.add_argument("--int8-scope", choices=("mlp", "all"), default="mlp",
+                   help="MatMuls to quantize: the ViT MLPs (closer to FP32) or all weight MatMuls (faster)")
     p.add_argument("--validate-batches", default="1,2", help="batch sizes the image graphs are checked at")
     p.add_argument("--validate-prompts", default="1,37", help="prompt counts the decoder is checked at")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
@@ -63,6 +65,7 @@ def cmd_export(args) -> int:
             ck.model, args.out, checkpoint_sha256=sha, checkpoint_path=str(Path(path).resolve()),
             synthetic_seed=seed, image_batches=_ints(args.validate_batches, "--validate-batches"),
             decoder_prompts=_ints(args.validate_prompts, "--validate-prompts"), int8=args.int8,
+            int8_scope=args.int8_scope,
             threads=args.threads, log=lambda m: print(m, file=sys.stderr),
         )
     except (ExportError, ValueError) as e:  # validation, structure, TensorRT compatibility

@@ -236,6 +236,7 @@ def export_model(
     image_batches: Sequence[int] = (1, 2),
     decoder_prompts: Sequence[int] = (1, 37),
     int8: bool = False,
+    int8_scope: str = "mlp",
     bounds: S.Bounds | None = None,
     tol: float = DEFAULT_TOL,
     threads: int = 0,
@@ -246,7 +247,8 @@ def export_model(
     parts: which graphs (``specs.MODEL_NAMES``); CellFinder is skipped for a plain SAM model.
     image_batches / decoder_prompts: the batch sizes and prompt counts each exported graph is
     validated at (ONNX Runtime vs PyTorch); the first one is also the tracing example.
-    int8: also write ORT dynamic-INT8 versions of the image encoder and CellFinder.
+    int8: also write ORT dynamic-INT8 versions of the image encoder and CellFinder
+    (``quantize.quantize_int8``, ``int8_scope`` "mlp" or "all").
     """
     say = log or (lambda msg: None)
     out = Path(out_dir)
@@ -305,8 +307,9 @@ def export_model(
 
                 q_name = spec.filename.replace(".onnx", ".int8.onnx")
                 say(f"  quantizing {name} (dynamic INT8) ...")
-                quantize_int8(path, tmp / q_name)
-                entry["int8"] = {"file": q_name, "method": "onnxruntime quantize_dynamic (MatMul, QInt8 weights)"}
+                quantize_int8(path, tmp / q_name, int8_scope)
+                entry["int8"] = {"file": q_name, "scope": int8_scope,
+                                 "method": "onnxruntime quantize_dynamic (MatMul, per-channel QInt8 weights)"}
             manifest["models"][name] = entry
         for name, entry in manifest["models"].items():
             for key in ("file",):
