@@ -147,34 +147,31 @@ class TimedBackend:
         return self._timed("decode", self.b.decode, emb, boxes=boxes, points=points, point_labels=point_labels)
 
 
-def run_pipeline(name: str, backend, inputs) -> dict:
-    """Image by image through CellSAMPipeline; per-stage seconds and the label maps."""
-    from cellsam_trt.pipeline import CellSAMPipeline
-
-    tb = TimedBackend(backend)
-    pipe = CellSAMPipeline(tb)
-    stages = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0}
-    labels = {}
-    t_all = time.perf_counter()
-    for stem, image, boxes in inputs:
-        t0 = time.perf_counter()
-        norm, sq = pipe.preprocess(image)
-        t1 = time.perf_counter()
-        before = dict(tb.t)
-        res = pipe.segment_prepared(sq, norm.shape[0], norm.shape[1], boxes=boxes)
-        t2 = time.perf_counter()
-        enc, dec = tb.t["encode"] - before["encode"], tb.t["decode"] - before["decode"]
-        stages["preprocess"] += t1 - t0
-        stages["encode"] += enc
-        stages["decode"] += dec
-        stages["postprocess"] += (t2 - t1) - enc - dec
-        labels[stem] = res.labels
-        print(f"  {name} {stem}: {t2 - t0:.1f} s ({len(boxes)} boxes, {res.n_cells} cells)", flush=True)
-    total = time.perf_counter() - t_all
-    return {"seconds": total, "images_per_s": len(inputs) / total, "stages": stages, "labels": labels}
+def _new_run() -> dict:
+    return {"seconds": 0.0, "stages": {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0},
+            "per_image_s": {}, "labels": {}}
 
 
-def run_official_style(sam, adv_mode: bool, inputs, settings) -> dict:
+def pipeline_image(run: dict, pipe, tb: TimedBackend, stem: str, image, boxes) -> None:
+    """One image through CellSAMPipeline, accumulating per-stage seconds into ``run``."""
+    t0 = time.perf_counter()
+    norm, sq = pipe.preprocess(image)
+    t1 = time.perf_counter()
+    before = dict(tb.t)
+    res = pipe.segment_prepared(sq, norm.shape[0], norm.shape[1], boxes=boxes)
+    t2 = time.perf_counter()
+    enc, dec = tb.t["encode"] - before["encode"], tb.t["decode"] - before["decode"]
+    st = run["stages"]
+    st["preprocess"] += t1 - t0
+    st["encode"] += enc
+    st["decode"] += dec
+    st["postprocess"] += (t2 - t1) - enc - dec
+    run["seconds"] += t2 - t0
+    run["per_image_s"][stem] = t2 - t0
+    run["labels"][stem] = res.labels
+
+
+def official_style_image(run: dict, sam, adv_mode: bool, settings, stem: str, image, boxes) -> None:
     """The official structure: per-box decoder calls and full-size per-mask upsampling (torch)."""
     import torch
     import torch.nn.functional as F
@@ -183,47 +180,43 @@ def run_official_style(sam, adv_mode: bool, inputs, settings) -> dict:
     from cellsam_trt import preprocess as pre
     from cellsam_trt import prompts as P
 
-    stages = {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0}
-    labels = {}
-    t_all = time.perf_counter()
-    for stem, image, boxes in inputs:
-        t0 = time.perf_counter()
-        norm = pre.normalize_image(pre.to_three_channels(image))
-        sq = pre.squashed(norm)
-        x = torch.from_numpy(pre.sam_encoder_input(sq, adv_mode))
-        h, w = norm.shape[:2]
-        b1024 = torch.from_numpy(P.scale_boxes_to_model(boxes, h, w))
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            emb = sam.image_encoder(x)
-            t2 = time.perf_counter()
-            masks = []
-            t_dec = 0.0
-            t_post = 0.0
-            for i in range(len(b1024)):
-                td = time.perf_counter()
-                lr, iou = sam.decode(emb, boxes=b1024[i:i + 1])
-                tp = time.perf_counter()
-                t_dec += tp - td
-                if float(iou[0, 0]) >= settings.iou_threshold:
-                    up = F.interpolate(lr, (1024, 1024), mode="bilinear", align_corners=False)
-                    up = F.interpolate(up, (h, w), mode="bilinear", align_corners=False)
-                    masks.append((up.sigmoid() > 0.4)[0, 0].numpy())
-                t_post += time.perf_counter() - tp
-        tp = time.perf_counter()
-        lab = np.zeros((h, w), np.int32)
-        for k, m in enumerate(masks):
-            lab[m] = k + 1
-        lab = L.fill_holes_and_remove_small_masks(lab, settings.min_size)
-        t_post += time.perf_counter() - tp
-        stages["preprocess"] += t1 - t0
-        stages["encode"] += t2 - t1
-        stages["decode"] += t_dec
-        stages["postprocess"] += t_post
-        labels[stem] = lab
-        print(f"  official-style {stem}: {time.perf_counter() - t0:.1f} s", flush=True)
-    total = time.perf_counter() - t_all
-    return {"seconds": total, "images_per_s": len(inputs) / total, "stages": stages, "labels": labels}
+    t0 = time.perf_counter()
+    norm = pre.normalize_image(pre.to_three_channels(image))
+    sq = pre.squashed(norm)
+    x = torch.from_numpy(pre.sam_encoder_input(sq, adv_mode))
+    h, w = norm.shape[:2]
+    b1024 = torch.from_numpy(P.scale_boxes_to_model(boxes, h, w))
+    t1 = time.perf_counter()
+    t_dec = t_post = 0.0
+    masks = []
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        t2 = time.perf_counter()
+        for i in range(len(b1024)):
+            td = time.perf_counter()
+            lr, iou = sam.decode(emb, boxes=b1024[i:i + 1])
+            tp = time.perf_counter()
+            t_dec += tp - td
+            if float(iou[0, 0]) >= settings.iou_threshold:
+                up = F.interpolate(lr, (1024, 1024), mode="bilinear", align_corners=False)
+                up = F.interpolate(up, (h, w), mode="bilinear", align_corners=False)
+                masks.append((up.sigmoid() > 0.4)[0, 0].numpy())
+            t_post += time.perf_counter() - tp
+    tp = time.perf_counter()
+    lab = np.zeros((h, w), np.int32)
+    for k, m in enumerate(masks):
+        lab[m] = k + 1
+    lab = L.fill_holes_and_remove_small_masks(lab, settings.min_size)
+    t3 = time.perf_counter()
+    t_post += t3 - tp
+    st = run["stages"]
+    st["preprocess"] += t1 - t0
+    st["encode"] += t2 - t1
+    st["decode"] += t_dec
+    st["postprocess"] += t_post
+    run["seconds"] += t3 - t0
+    run["per_image_s"][stem] = t3 - t0
+    run["labels"][stem] = lab
 
 
 def run_many(engine, inputs) -> dict:
@@ -245,6 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="threads for every configuration (0 = all cores)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_cpu.json"))
     ap.add_argument("--skip", default="", help="comma-separated configurations to skip")
+    ap.add_argument("--images", default="", help="comma-separated image stems (default: all four)")
     args = ap.parse_args(argv)
 
     import torch
@@ -256,7 +250,7 @@ def main(argv=None) -> int:
     from cellsam_trt.metrics import match_instances
     from cellsam_trt.model.checkpoint import load_checkpoint
     from cellsam_trt.model.synthetic import synthetic_checkpoint
-    from cellsam_trt.pipeline import SegmentSettings
+    from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -276,25 +270,42 @@ def main(argv=None) -> int:
     sam = model.mask_sam.eval()
     result["flops"] = count_flops(sam)
     inputs = load_inputs(Path(args.reference))
+    if args.images:
+        inputs = [i for i in inputs if i[0] in args.images.split(",")]
     n_boxes = int(sum(len(b) for _, _, b in inputs))
     result["inputs"] = {stem: {"shape": list(img.shape), "boxes": int(len(b))} for stem, img, b in inputs}
     settings = SegmentSettings()
 
-    runs = {}
+    # every configuration on image 1, then every configuration on image 2, ...: a changing
+    # machine load spreads over all of them instead of penalising one
+    runners = {}
     if "torch_official_style" not in skip:
-        runs["torch_official_style"] = run_official_style(sam, model.adv_mode, inputs, settings)
+        runners["torch_official_style"] = lambda run, *a: official_style_image(run, sam, model.adv_mode, settings, *a)
     if "torch_batched" not in skip:
-        runs["torch_batched"] = run_pipeline("torch batched", TorchBackend(model), inputs)
+        tb = TimedBackend(TorchBackend(model))
+        pipe = CellSAMPipeline(tb, settings)
+        runners["torch_batched"] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+    ort_backends = {}
     for prec in ("fp32", "int8"):
-        name = f"ort_{prec}"
-        if name in skip:
+        if f"ort_{prec}" in skip:
             continue
         backend = OrtBackend(export, precision=prec, threads=threads)
         backend.encode(np.zeros((1, 3, 1024, 1024), np.float32))  # session creation outside the timings
         backend.decode(np.zeros((1, 256, 64, 64), np.float32), boxes=np.array([[0, 0, 10, 10]], np.float32))
-        runs[name] = run_pipeline(f"ort {prec}", backend, inputs)
-        runs[name + "_segment_many"] = run_many(CellSAMEngine(backend, settings), inputs)
-        print(f"  ort {prec} segment_many: {runs[name + '_segment_many']['seconds']:.1f} s", flush=True)
+        ort_backends[prec] = backend
+        tb = TimedBackend(backend)
+        pipe = CellSAMPipeline(tb, settings)
+        runners[f"ort_{prec}"] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+    runs = {name: _new_run() for name in runners}
+    for stem, image, boxes in inputs:
+        for name, fn in runners.items():
+            fn(runs[name], stem, image, boxes)
+            print(f"  {name} {stem} ({len(boxes)} boxes): {runs[name]['per_image_s'][stem]:.1f} s", flush=True)
+    for name, run in runs.items():
+        run["images_per_s"] = len(inputs) / run["seconds"]
+    for prec, backend in ort_backends.items():
+        runs[f"ort_{prec}_segment_many"] = r = run_many(CellSAMEngine(backend, settings), inputs)
+        print(f"  ort {prec} segment_many: {r['seconds']:.1f} s", flush=True)
 
     f = result["flops"]
     ceiling = result["matmul"]["ceiling_gflops"]

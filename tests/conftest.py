@@ -127,6 +127,16 @@ def _export_key(checkpoint: Path, variant: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _prune_exports(root: Path, keep: int = 3) -> None:
+    """Drop all but the ``keep`` newest cached exports of each variant (~1 GB each)."""
+    import shutil
+
+    for prefix in ("adv-", "nocp-"):
+        dirs = sorted(root.glob(prefix + "*"), key=lambda d: d.stat().st_mtime, reverse=True)
+        for d in dirs[keep:]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def full_exports(synthetic_path, full_models):
     """{"adv": export dir of the synthetic checkpoint (all graphs + INT8, via the CLI),
@@ -138,6 +148,7 @@ def full_exports(synthetic_path, full_models):
     from cellsam_trt.export import specs as S
     from cellsam_trt.export.onnx_export import MANIFEST, export_model
 
+    _prune_exports(CACHE / "onnx")
     out = {}
     adv = CACHE / "onnx" / f"adv-{_export_key(synthetic_path, 'adv-int8')}"
     if not (adv / MANIFEST).is_file():
