@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="installed backends, versions and GPUs")
     info.set_defaults(func=cmd_info)
+    from .export.cli import add_export_parser
+    add_export_parser(sub)
     return parser
 
 

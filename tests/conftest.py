@@ -80,3 +80,85 @@ def full_models(synthetic_path):
     adv = load_checkpoint(synthetic_path).model
     nocp, _ = load_state_dict({k: v for k, v in adv.state_dict().items() if not k.startswith("model_cp.")})
     return {"adv": adv, "nocp": nocp}
+
+
+# --------------------------------------------------------------------------- ONNX exports
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A small CellSAM (CellSAMConfig.tiny(), synthetic seed 0) with every code path."""
+    from cellsam_trt.model.cellsam import CellSAMConfig
+    from cellsam_trt.model.checkpoint import load_state_dict
+    from cellsam_trt.model.synthetic import synthetic_state_dict
+
+    cfg = CellSAMConfig.tiny()
+    model, _ = load_state_dict(synthetic_state_dict(0, cfg), cfg=cfg)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, tmp_path_factory):
+    """Export directory of the tiny model (FP32 + INT8), from a checkpoint file, validated at
+    batch 1 and 2 and at 1 and 37 prompts by the exporter itself."""
+    import torch
+
+    from cellsam_trt.export.onnx_export import export_model
+    from cellsam_trt.model.checkpoint import sha256_file, to_official_layout
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    ckpt = root / "tiny.pt"
+    torch.save(to_official_layout(tiny_model.state_dict(), tiny_model.cfg.cellfinder.dec_layers), ckpt)
+    out = root / "onnx"
+    export_model(tiny_model, out, checkpoint_sha256=sha256_file(ckpt), checkpoint_path=str(ckpt),
+                 image_batches=(1, 2), decoder_prompts=(1, 37), int8=True)
+    return out
+
+
+def _export_key(checkpoint: Path, variant: str) -> str:
+    """Cache key of a full-size export: the checkpoint file's identity and the exporter's code."""
+    import hashlib
+
+    st = checkpoint.stat()
+    h = hashlib.sha256(f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}|{variant}".encode())
+    pkg = ROOT / "cellsam_trt"
+    for f in sorted(list((pkg / "export").glob("*.py")) + list((pkg / "model").glob("*.py"))):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _prune_exports(root: Path, keep: int = 3) -> None:
+    """Drop all but the ``keep`` newest cached exports of each variant (~1 GB each)."""
+    import shutil
+
+    for prefix in ("adv-", "nocp-"):
+        dirs = sorted(root.glob(prefix + "*"), key=lambda d: d.stat().st_mtime, reverse=True)
+        for d in dirs[keep:]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def full_exports(synthetic_path, full_models):
+    """{"adv": export dir of the synthetic checkpoint (all graphs + INT8, via the CLI),
+    "nocp": export dir of the same weights without model_cp (encoder + decoder)}.
+
+    Exported once and cached under CACHE/onnx/<key> (key: checkpoint identity + exporter code).
+    """
+    from cellsam_trt.cli import main
+    from cellsam_trt.export import specs as S
+    from cellsam_trt.export.onnx_export import MANIFEST, export_model
+
+    _prune_exports(CACHE / "onnx")
+    out = {}
+    adv = CACHE / "onnx" / f"adv-{_export_key(synthetic_path, 'adv-int8')}"
+    if not (adv / MANIFEST).is_file():
+        rc = main(["export", "--checkpoint", str(synthetic_path), "--out", str(adv), "--int8",
+                   "--validate-batches", "1", "--validate-prompts", "1,37"])
+        assert rc == 0
+    out["adv"] = adv
+    nocp = CACHE / "onnx" / f"nocp-{_export_key(synthetic_path, 'nocp')}"
+    if not (nocp / MANIFEST).is_file():
+        export_model(full_models["nocp"], nocp, parts=(S.ENCODER, S.DECODER), image_batches=(1,),
+                     decoder_prompts=(1, 37))
+    out["nocp"] = nocp
+    return out

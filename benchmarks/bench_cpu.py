@@ -1,0 +1,369 @@
+"""CPU benchmark: official-style PyTorch vs our PyTorch pipeline vs ONNX Runtime FP32 / INT8.
+
+All configurations run in the same process, on the same images and prompts, with the same
+thread count, so their ratios are comparable even on a loaded machine:
+
+* ``torch_official_style``: the official code's structure on our PyTorch modules: the image
+  encoder, then for each box one prompt-encoder + mask-decoder call, each kept mask upsampled
+  to 1024 x 1024 and then to H x W with ``F.interpolate`` and thresholded, later mask wins,
+  then the official hole filling. (Preprocessing is our NumPy port, which computes the same
+  values as the official code.)
+* ``torch_batched``: ``CellSAMPipeline`` + ``TorchBackend`` (all boxes of an image in one
+  decoder call, image side broadcast, cropped label assembly).
+* ``ort_fp32`` / ``ort_int8``: ``CellSAMPipeline`` + ``OrtBackend`` (INT8: dynamic-INT8 image
+  encoder; the decoder stays FP32), image by image; and ``CellSAMEngine.segment_many``
+  (pre/post-processing overlapped with inference) for the end-to-end rate.
+
+Inputs: the four sample images (``<reference>/sample_imgs/*.png``) with all their boxes
+(``<reference>/inputs/<name>_boxes.json``), box-prompt mode. Per-stage times (preprocess,
+encode, decode, postprocess) and achieved GFLOP/s per stage are reported against this CPU's
+matrix-multiply ceiling measured in the same run (NumPy and ONNX Runtime float32 MatMul).
+FLOPs are the models' own (counted with ``torch.utils.flop_counter`` on the official-style
+computation: one image encoder pass, one single-box decoder call per box), so a faster
+formulation shows as a higher effective rate.
+
+    python benchmarks/bench_cpu.py --export /tmp/cellsam-onnx --out benchmarks/results/cpu.json
+
+The export directory is created (``cellsam-trt export --int8`` on the synthetic checkpoint)
+when it holds no manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's OpenMP threads crawl on a loaded machine
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+        info["simd"] = sorted({f for f in flags.split() if f.startswith(("avx512_vnni", "avx512f", "avx2", "amx"))})
+        mem = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        info["memory_gib"] = round(int(mem.split()[1]) / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    info["loadavg_start"] = os.getloadavg()
+    return info
+
+
+def matmul_ceiling(threads: int) -> dict:
+    """Best-of-5 GFLOP/s of a 2048^3 float32 matmul in NumPy and in ONNX Runtime (``threads``)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = 2048
+    a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).random((n, n), dtype=np.float32)
+
+    def best(fn, reps=5):
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        return 2 * n**3 / min(t) / 1e9
+
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_cpu_mem_arena = False
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out = {"numpy_gflops": best(lambda: a @ b), "ort_gflops": best(lambda: sess.run(None, {"a": a, "b": b}))}
+    out["ceiling_gflops"] = max(out.values())
+    return out
+
+
+def count_flops(sam) -> dict:
+    """Model FLOPs: one image-encoder pass, one single-box prompt encoder + mask decoder call."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            emb = sam.image_encoder(torch.zeros(1, 3, 1024, 1024))
+        enc = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            sam.decode(emb, boxes=torch.tensor([[100.0, 100.0, 160.0, 170.0]]))
+        dec = fc.get_total_flops()
+    return {"encoder_gflop": enc / 1e9, "decoder_gflop_per_box": dec / 1e9}
+
+
+def load_inputs(reference: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from cellsam_trt import io as cio
+
+    out = []
+    for png in sorted((reference / "sample_imgs").glob("*.png")):
+        boxes = json.loads((reference / "inputs" / f"{png.stem}_boxes.json").read_text())["boxes"]
+        out.append((png.stem, cio.read_image(png), np.asarray(boxes, np.float32)))
+    return out
+
+
+class TimedBackend:
+    """Backend proxy that accumulates the seconds spent in encode / detect / decode."""
+
+    def __init__(self, backend) -> None:
+        self.b = backend
+        self.name, self.adv_mode, self.has_detector = backend.name, backend.adv_mode, backend.has_detector
+        self.t = {"encode": 0.0, "detect": 0.0, "decode": 0.0}
+
+    def _timed(self, key, fn, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            self.t[key] += time.perf_counter() - t0
+
+    def encode(self, x):
+        return self._timed("encode", self.b.encode, x)
+
+    def detect(self, x):
+        return self._timed("detect", self.b.detect, x)
+
+    def decode(self, emb, boxes=None, points=None, point_labels=None):
+        return self._timed("decode", self.b.decode, emb, boxes=boxes, points=points, point_labels=point_labels)
+
+
+def _new_run() -> dict:
+    return {"seconds": 0.0, "stages": {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0},
+            "per_image_s": {}, "labels": {}}
+
+
+def pipeline_image(run: dict, pipe, tb: TimedBackend, stem: str, image, boxes) -> None:
+    """One image through CellSAMPipeline, accumulating per-stage seconds into ``run``."""
+    t0 = time.perf_counter()
+    norm, sq = pipe.preprocess(image)
+    t1 = time.perf_counter()
+    before = dict(tb.t)
+    res = pipe.segment_prepared(sq, norm.shape[0], norm.shape[1], boxes=boxes)
+    t2 = time.perf_counter()
+    enc, dec = tb.t["encode"] - before["encode"], tb.t["decode"] - before["decode"]
+    st = run["stages"]
+    st["preprocess"] += t1 - t0
+    st["encode"] += enc
+    st["decode"] += dec
+    st["postprocess"] += (t2 - t1) - enc - dec
+    run["seconds"] += t2 - t0
+    run["per_image_s"][stem] = t2 - t0
+    run["labels"][stem] = res.labels
+
+
+def official_style_image(run: dict, sam, adv_mode: bool, settings, stem: str, image, boxes) -> None:
+    """The official structure: per-box decoder calls and full-size per-mask upsampling (torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    from cellsam_trt import labels as L
+    from cellsam_trt import preprocess as pre
+    from cellsam_trt import prompts as P
+
+    t0 = time.perf_counter()
+    norm = pre.normalize_image(pre.to_three_channels(image))
+    sq = pre.squashed(norm)
+    x = torch.from_numpy(pre.sam_encoder_input(sq, adv_mode))
+    h, w = norm.shape[:2]
+    b1024 = torch.from_numpy(P.scale_boxes_to_model(boxes, h, w))
+    t1 = time.perf_counter()
+    t_dec = t_post = 0.0
+    masks = []
+    with torch.no_grad():
+        emb = sam.image_encoder(x)
+        t2 = time.perf_counter()
+        for i in range(len(b1024)):
+            td = time.perf_counter()
+            lr, iou = sam.decode(emb, boxes=b1024[i:i + 1])
+            tp = time.perf_counter()
+            t_dec += tp - td
+            if float(iou[0, 0]) >= settings.iou_threshold:
+                up = F.interpolate(lr, (1024, 1024), mode="bilinear", align_corners=False)
+                up = F.interpolate(up, (h, w), mode="bilinear", align_corners=False)
+                masks.append((up.sigmoid() > 0.4)[0, 0].numpy())
+            t_post += time.perf_counter() - tp
+    tp = time.perf_counter()
+    lab = np.zeros((h, w), np.int32)
+    for k, m in enumerate(masks):
+        lab[m] = k + 1
+    lab = L.fill_holes_and_remove_small_masks(lab, settings.min_size)
+    t3 = time.perf_counter()
+    t_post += t3 - tp
+    st = run["stages"]
+    st["preprocess"] += t1 - t0
+    st["encode"] += t2 - t1
+    st["decode"] += t_dec
+    st["postprocess"] += t_post
+    run["seconds"] += t3 - t0
+    run["per_image_s"][stem] = t3 - t0
+    run["labels"][stem] = lab
+
+
+def run_many(engine, inputs) -> dict:
+    from cellsam_trt.engine.api import Prompts
+
+    t0 = time.perf_counter()
+    out = list(engine.segment_many([i for _, i, _ in inputs], [Prompts(boxes=b) for _, _, b in inputs]))
+    total = time.perf_counter() - t0
+    errors = [str(r.error) for r in out if not r.ok]
+    return {"seconds": total, "images_per_s": len(inputs) / total, "errors": errors,
+            "labels": {stem: r.segmentation.labels for (stem, _, _), r in zip(inputs, out) if r.ok}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--export", required=True, help="export directory (created with --int8 when absent)")
+    ap.add_argument("--checkpoint", help="checkpoint (default: the synthetic one, seed 0)")
+    ap.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference"))
+    ap.add_argument("--threads", type=int, default=0, help="threads for every configuration (0 = all cores)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_cpu.json"))
+    ap.add_argument("--skip", default="", help="comma-separated configurations to skip")
+    ap.add_argument("--images", default="", help="comma-separated image stems (default: all four)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from cellsam_trt.engine.api import CellSAMEngine
+    from cellsam_trt.engine.ort_backend import OrtBackend
+    from cellsam_trt.engine.torch_backend import TorchBackend
+    from cellsam_trt.export.onnx_export import MANIFEST
+    from cellsam_trt.metrics import match_instances
+    from cellsam_trt.model.checkpoint import load_checkpoint
+    from cellsam_trt.model.synthetic import synthetic_checkpoint
+    from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    skip = set(filter(None, args.skip.split(",")))
+    ckpt = Path(args.checkpoint) if args.checkpoint else synthetic_checkpoint(0)
+    export = Path(args.export)
+    if not (export / MANIFEST).is_file():
+        from cellsam_trt.cli import main as cli
+
+        rc = cli(["export", "--checkpoint", str(ckpt), "--out", str(export), "--int8", "--validate-batches", "1"])
+        if rc:
+            return rc
+    result = {"machine": machine_info(), "threads": threads, "checkpoint": str(ckpt), "export": str(export)}
+    result["matmul"] = matmul_ceiling(threads)
+    print(f"matmul ceiling: {result['matmul']}", flush=True)
+    model = load_checkpoint(ckpt).model
+    sam = model.mask_sam.eval()
+    result["flops"] = count_flops(sam)
+    inputs = load_inputs(Path(args.reference))
+    if args.images:
+        inputs = [i for i in inputs if i[0] in args.images.split(",")]
+    n_boxes = int(sum(len(b) for _, _, b in inputs))
+    result["inputs"] = {stem: {"shape": list(img.shape), "boxes": int(len(b))} for stem, img, b in inputs}
+    settings = SegmentSettings()
+
+    # every configuration on image 1, then every configuration on image 2, ...: a changing
+    # machine load spreads over all of them instead of penalising one
+    runners = {}
+    if "torch_official_style" not in skip:
+        runners["torch_official_style"] = lambda run, *a: official_style_image(run, sam, model.adv_mode, settings, *a)
+    if "torch_batched" not in skip:
+        tb = TimedBackend(TorchBackend(model))
+        pipe = CellSAMPipeline(tb, settings)
+        runners["torch_batched"] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+    ort_backends = {}
+    for prec in ("fp32", "int8"):
+        if f"ort_{prec}" in skip:
+            continue
+        backend = OrtBackend(export, precision=prec, threads=threads)
+        backend.encode(np.zeros((1, 3, 1024, 1024), np.float32))  # session creation outside the timings
+        backend.decode(np.zeros((1, 256, 64, 64), np.float32), boxes=np.array([[0, 0, 10, 10]], np.float32))
+        ort_backends[prec] = backend
+        tb = TimedBackend(backend)
+        pipe = CellSAMPipeline(tb, settings)
+        runners[f"ort_{prec}"] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+    runs = {name: _new_run() for name in runners}
+    for stem, image, boxes in inputs:
+        for name, fn in runners.items():
+            fn(runs[name], stem, image, boxes)
+            print(f"  {name} {stem} ({len(boxes)} boxes): {runs[name]['per_image_s'][stem]:.1f} s", flush=True)
+    for name, run in runs.items():
+        run["images_per_s"] = len(inputs) / run["seconds"]
+    for prec, backend in ort_backends.items():
+        runs[f"ort_{prec}_segment_many"] = r = run_many(CellSAMEngine(backend, settings), inputs)
+        print(f"  ort {prec} segment_many: {r['seconds']:.1f} s", flush=True)
+
+    f = result["flops"]
+    ceiling = result["matmul"]["ceiling_gflops"]
+    base = runs.get("torch_official_style")
+    for name, r in runs.items():
+        r["speedup_vs_official_style"] = base["seconds"] / r["seconds"] if base else None
+        st = r.get("stages")
+        if st:
+            n_img = len(inputs)
+            r["gflops"] = {
+                "encode": f["encoder_gflop"] * n_img / st["encode"] if st["encode"] else None,
+                "decode": f["decoder_gflop_per_box"] * n_boxes / st["decode"] if st["decode"] else None,
+            }
+            r["fraction_of_ceiling"] = {k: (v / ceiling if v else None) for k, v in r["gflops"].items()}
+        if base and name != "torch_official_style":
+            agree = [match_instances(base["labels"][s], r["labels"][s]) for s in base["labels"] if s in r["labels"]]
+            r["agreement_vs_official_style"] = {
+                "mean_matched_iou": float(np.mean([a.mean_iou for a in agree])),
+                "frac_matched_50": float(np.mean([a.frac_matched_50 for a in agree])),
+                "pixel_agreement": float(np.mean([a.pixel_agreement for a in agree])),
+            }
+        if "ort_fp32" in runs and name == "ort_int8":
+            agree = [match_instances(runs["ort_fp32"]["labels"][s], r["labels"][s]) for s in r["labels"]]
+            r["agreement_vs_ort_fp32"] = {
+                "per_image": {s: a.as_dict() for s, a in zip(r["labels"], agree)},
+                "mean_matched_iou": float(np.mean([a.mean_iou for a in agree])),
+                "frac_matched_50": float(np.mean([a.frac_matched_50 for a in agree])),
+            }
+    for r in runs.values():
+        r.pop("labels", None)
+    result["runs"] = runs
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    print(table(result))
+    print(f"written {out}")
+    return 0
+
+
+def table(result: dict) -> str:
+    rows = ["| configuration | s (4 images) | images/s | vs official-style | preprocess s | encode s (GFLOP/s) "
+            "| decode s (GFLOP/s) | postprocess s |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in result["runs"].items():
+        st, g = r.get("stages"), r.get("gflops", {})
+        sp = r.get("speedup_vs_official_style")
+        if st:
+            rows.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {sp:.2f}x | {st['preprocess']:.1f} "
+                        f"| {st['encode']:.1f} ({g['encode']:.0f}) | {st['decode']:.1f} ({g['decode']:.0f}) "
+                        f"| {st['postprocess']:.1f} |")
+        else:
+            rows.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {sp:.2f}x | | | | |")
+    m = result["matmul"]
+    rows.append(f"\nmatmul ceiling: NumPy {m['numpy_gflops']:.0f}, ORT {m['ort_gflops']:.0f} GFLOP/s; "
+                f"model FLOPs: encoder {result['flops']['encoder_gflop']:.0f} GFLOP/image, decoder "
+                f"{result['flops']['decoder_gflop_per_box']:.2f} GFLOP/box")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The ONNX Runtime backend on the tiny export: same results as the PyTorch backend through the
+pipeline, spec-driven input checks, chunking, providers and precision options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cellsam_trt.engine.base import Backend
+from cellsam_trt.engine.ort_backend import OrtBackend, OrtConfig, ProviderError, resolve_providers, trt_provider_options
+from cellsam_trt.engine.torch_backend import TorchBackend
+from cellsam_trt.export import specs as S
+from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+
+KEEP_ALL = SegmentSettings(iou_threshold=-1e9)  # the tiny random model predicts low IoUs: keep every mask
+
+from test_pipeline import cells_image
+
+
+@pytest.fixture(scope="module")
+def ort_backend(tiny_export):
+    return OrtBackend(tiny_export, threads=2)
+
+
+def test_is_a_backend(ort_backend):
+    assert isinstance(ort_backend, Backend)
+    assert ort_backend.adv_mode is True and ort_backend.has_detector is True
+    assert ort_backend.providers == ["CPUExecutionProvider"]
+
+
+def test_box_prompts_match_torch(ort_backend, tiny_model):
+    img, boxes = cells_image()
+    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
+    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
+    assert np.abs(a.embedding - b.embedding).max() <= 1e-4
+    assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
+    np.testing.assert_allclose(a.all_iou_predictions, b.all_iou_predictions, atol=1e-5)
+    np.testing.assert_array_equal(a.prompt_index, b.prompt_index)
+    assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
+
+
+def test_point_prompts_match_torch(ort_backend, tiny_model):
+    img, boxes = cells_image(seed=1)
+    pts = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]
+    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, points=pts)
+    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, points=pts)
+    assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
+    assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
+
+
+def test_automatic_mode_matches_torch(ort_backend, tiny_model):
+    img, _ = cells_image(seed=2)
+    a = CellSAMPipeline(TorchBackend(tiny_model), keep_logits=True).segment(img)
+    b = CellSAMPipeline(ort_backend, keep_logits=True).segment(img)
+    for x, y in zip(a.detections, b.detections):
+        assert np.abs(x - y).max() <= 1e-4
+    assert a.threshold == pytest.approx(b.threshold, abs=1e-6)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_decode_chunks_equal_one_call(tiny_export):
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    xy = rng.uniform(0, 900, (23, 2))
+    boxes = np.concatenate([xy, xy + 40], 1).astype(np.float32)
+    lr1, iou1 = OrtBackend(tiny_export, decode_chunk=5).decode(emb, boxes=boxes)
+    lr2, iou2 = OrtBackend(tiny_export, decode_chunk=64).decode(emb, boxes=boxes)
+    assert lr1.shape == (23, 256, 256) and iou1.shape == (23,)
+    assert np.abs(lr1 - lr2).max() <= 1e-4 and np.abs(iou1 - iou2).max() <= 1e-6
+    lr0, iou0 = OrtBackend(tiny_export).decode(emb, boxes=np.zeros((0, 4), np.float32))
+    assert lr0.shape == (0, 256, 256) and iou0.shape == (0,)
+
+
+def test_image_batches_beyond_the_spec_are_split(tiny_export):
+    be = OrtBackend(tiny_export)
+    max_b = be.specs[S.CELLFINDER].dims()["B"].max
+    x = np.random.default_rng(1).standard_normal((max_b + 1, 3, 1024, 1024)).astype(np.float32)
+    logits, boxes = be.detect(x)
+    assert logits.shape[0] == max_b + 1
+    l1, b1 = be.detect(x[-1:])
+    assert np.abs(logits[-1:] - l1).max() <= 1e-5 and np.abs(boxes[-1:] - b1).max() <= 1e-6
+
+
+def test_inputs_are_checked_against_the_spec(ort_backend):
+    with pytest.raises(S.InputSpecError, match="image_embeddings") as e:
+        ort_backend.decode(np.zeros((1, 256, 32, 32), np.float32), boxes=np.zeros((2, 4), np.float32))
+    assert e.value.input == "image_embeddings"
+    with pytest.raises(S.InputSpecError) as e:
+        ort_backend.decode(np.zeros((1, 256, 64, 64), np.float32), points=np.zeros((2, 40, 2), np.float32))
+    assert e.value.input == "point_coords" and "outside [1, 16]" in str(e.value)
+    with pytest.raises(S.InputSpecError) as e:
+        ort_backend.encode(np.zeros((1, 3, 512, 512), np.float32))
+    assert e.value.input == "image" and e.value.model == S.ENCODER
+
+
+def test_int8_precision_runs_and_agrees_roughly(tiny_export):
+    fp = OrtBackend(tiny_export)
+    q = OrtBackend(tiny_export, precision="int8")
+    assert q._file(S.ENCODER).name.endswith(".int8.onnx") and q._file(S.DECODER).name == "prompt_decoder.onnx"
+    x = np.random.default_rng(2).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    a, b = fp.encode(x), q.encode(x)
+    assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+    with pytest.raises(ValueError, match="precision"):
+        OrtBackend(tiny_export, precision="fp8")
+
+
+def test_provider_resolution():
+    avail = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("auto", avail) == ["CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert resolve_providers("auto", gpu) == gpu
+    assert resolve_providers(["cuda"], gpu) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(ProviderError, match="'cuda' is not available"):
+        resolve_providers(["cuda"], avail)
+
+
+def test_tensorrt_profiles_come_from_the_spec():
+    spec = S.model_specs()[S.DECODER]
+    opts = trt_provider_options(spec, OrtConfig(trt_fp16=True, trt_cache_dir="/tmp/trt"))
+    b = S.Bounds()
+    assert opts["trt_profile_min_shapes"] == "image_embeddings:1x256x64x64,point_coords:1x1x2,point_labels:1x1"
+    assert opts["trt_profile_max_shapes"] == (f"image_embeddings:1x256x64x64,point_coords:{b.max_prompts}x"
+                                              f"{b.max_points}x2,point_labels:{b.max_prompts}x{b.max_points}")
+    assert opts["trt_fp16_enable"] is True and opts["trt_engine_cache_enable"] is True
+
+
+def test_bad_options(tiny_export):
+    with pytest.raises(TypeError, match="unknown OrtBackend option"):
+        OrtBackend(tiny_export, nonsense=1)
+    with pytest.raises(ValueError, match="graph_optimization"):
+        OrtBackend(tiny_export, graph_optimization="max")

@@ -1,0 +1,137 @@
+"""ONNX Runtime FP32 on the full synthetic model meets the PyTorch path's golden tolerances;
+the INT8 option's agreement with FP32 is measured by matched-instance IoU.
+
+The full-size export is made once (``full_exports``, via the CLI) and cached by checkpoint
+identity and exporter code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import AUTO_CASES, BOX_CASES, case_boxes, load_golden, record
+
+TENSOR_TOL = 1e-3
+PIXEL_AGREEMENT = 0.999
+ORT_AUTO_CASES = ["YeaZ_auto", "tissuenet_auto"]  # the two with a golden CellFinder input
+INT8_CASES = ["YeaZ_boxes", "tissuenet_boxes"]
+
+_BACKENDS: dict = {}
+_RUNS: dict = {}
+
+
+def _backend(full_exports, variant: str, precision: str = "fp32"):
+    key = (variant, precision)
+    if key not in _BACKENDS:
+        from cellsam_trt.engine.ort_backend import OrtBackend
+
+        _BACKENDS[key] = OrtBackend(full_exports[variant], precision=precision)
+    return _BACKENDS[key]
+
+
+def run_case(reference, full_exports, case, precision="fp32"):
+    key = (case, precision)
+    if key not in _RUNS:
+        from cellsam_trt.pipeline import CellSAMPipeline
+
+        g = load_golden(reference, case)
+        pipe = CellSAMPipeline(_backend(full_exports, "nocp" if case.endswith("nocp") else "adv", precision),
+                               keep_logits=True)
+        if "_boxes" in case:
+            res = pipe.segment(g["image"], boxes=case_boxes(reference, case), return_embedding=True)
+        else:
+            res = pipe.segment(g["image"])
+        _RUNS[key] = (g, res, pipe)
+    return _RUNS[key]
+
+
+def test_export_manifests(full_exports):
+    from cellsam_trt.export.onnx_export import read_manifest
+
+    adv, nocp = read_manifest(full_exports["adv"]), read_manifest(full_exports["nocp"])
+    assert adv["adv_mode"] is True and adv["has_detector"] is True and len(adv["checkpoint"]["sha256"]) == 64
+    assert nocp["adv_mode"] is False and nocp["has_detector"] is False
+    for name, entry in adv["models"].items():
+        record(f"export_{name}", **{f"ort_vs_torch_{k}": v for k, v in entry["validation"]["max_abs_diff"].items()})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BOX_CASES)
+def test_ort_box_prompt_case(reference, full_exports, case):
+    g, res, pipe = run_case(reference, full_exports, case)
+    assert g["meta"]["adv_mode"] == pipe.backend.adv_mode
+    emb = np.abs(res.embedding - g["embedding"]).max()
+    k = g["lowres_mask_logits_first16"].shape[0]
+    lowres = np.abs(res.lowres_logits[:k] - g["lowres_mask_logits_first16"]).max()
+    iou = np.abs(res.all_iou_predictions - g["iou_predictions"]).max()
+    raw_agree = (res.labels_raw == g["labels_raw"]).mean()
+    agree = (res.labels == g["mask"]).mean()
+    record(case, ort_embedding_maxabs=emb, ort_lowres_maxabs=lowres, ort_iou_maxabs=iou,
+           ort_raw_label_agreement=raw_agree, ort_label_agreement=agree,
+           ort_kept=f"{len(res.prompt_index)}/{len(g['kept'])}")
+    assert emb <= TENSOR_TOL
+    assert lowres <= TENSOR_TOL
+    assert iou <= TENSOR_TOL
+    np.testing.assert_array_equal(res.all_iou_predictions >= 0.5, g["kept"])
+    np.testing.assert_allclose(res.boxes, g["boxes_kept_orig"], atol=1e-3)
+    assert raw_agree >= PIXEL_AGREEMENT
+    assert agree >= PIXEL_AGREEMENT
+    assert res.labels.shape == g["mask"].shape
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ORT_AUTO_CASES)
+def test_ort_automatic_case(reference, full_exports, case):
+    assert set(ORT_AUTO_CASES) <= set(AUTO_CASES)
+    g, res, pipe = run_case(reference, full_exports, case)
+    logits, boxes = res.detections
+    dl = np.abs(logits - g["pred_logits"]).max()
+    db = np.abs(boxes - g["pred_boxes"]).max()
+    dthr = abs(res.threshold - float(g["dyn_threshold"]))
+    # the CellFinder graph alone on the official CellFinder input
+    gl, gb = pipe.backend.detect(g["cellfinder_input"])
+    record(case, ort_pred_logits_maxabs=dl, ort_pred_boxes_maxabs=db, ort_threshold_absdiff=dthr,
+           ort_cellfinder_on_golden_input_logits=np.abs(gl - g["pred_logits"]).max())
+    assert dl <= TENSOR_TOL and db <= TENSOR_TOL
+    assert np.abs(gl - g["pred_logits"]).max() <= TENSOR_TOL and np.abs(gb - g["pred_boxes"]).max() <= TENSOR_TOL
+    assert dthr <= 1e-6
+    assert res.labels.shape == g["mask"].shape
+    assert not res.labels.any() and not g["mask"].any() and res.boxes.shape == (0, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_int8_mask_agreement(reference, full_exports, case):
+    """INT8 image encoder vs FP32 (same FP32 decoder): matched-instance IoU of the label maps."""
+    from cellsam_trt.metrics import match_instances
+
+    _, fp, _ = run_case(reference, full_exports, case)
+    _, q, _ = run_case(reference, full_exports, case, precision="int8")
+    m = match_instances(fp.labels, q.labels)
+    emb_rel = np.abs(q.embedding - fp.embedding).max() / np.abs(fp.embedding).max()
+    same_kept = float(np.mean((fp.all_iou_predictions >= 0.5) == (q.all_iou_predictions >= 0.5)))
+    record(f"int8_{case}", mean_matched_iou=m.mean_iou, frac_matched_50=m.frac_matched_50,
+           precision_50=m.precision_50, pixel_agreement=m.pixel_agreement, embedding_rel_maxabs=emb_rel,
+           same_keep_decision=same_kept, cells=f"{m.n_test}/{m.n_reference}")
+    assert m.n_reference > 0
+    # measured with the default "mlp" scope: mean IoU 0.85 / 0.83, matched at 0.5: 0.97 / 0.95
+    assert m.mean_iou >= 0.8 and m.frac_matched_50 >= 0.9
+
+
+@pytest.mark.slow
+def test_int8_cellfinder_detections(reference, full_exports):
+    """INT8 CellFinder on the golden CellFinder input: scores close to FP32, same (empty) selection."""
+    from cellsam_trt import prompts as P
+
+    g = load_golden(reference, "YeaZ_auto")
+    fl, fb = _backend(full_exports, "adv").detect(g["cellfinder_input"])
+    ql, qb = _backend(full_exports, "adv", "int8").detect(g["cellfinder_input"])
+    sf = P.topk_detections(fl[0], fb[0])[0]
+    sq = P.topk_detections(ql[0], qb[0])[0]
+    thr_f, _ = P.dynamic_threshold(sf, 0.4)
+    thr_q, _ = P.dynamic_threshold(sq, 0.4)
+    record("int8_cellfinder_YeaZ_auto", score_maxabs=np.abs(sf - sq).max(), box_maxabs=np.abs(fb - qb).max(),
+           threshold_absdiff=abs(thr_f - thr_q))
+    assert np.abs(sf - sq).max() <= 0.05
+    assert (sf > thr_f).sum() == (sq > thr_q).sum()
