@@ -521,3 +521,16 @@ def test_entropy_calibrator_subclass_delegates(tmp_path):
     assert calib.get_batch_size() == 1 and calib.get_batch(["image"]) is None
     calib.write_calibration_cache(b"abc")
     assert calib.read_calibration_cache() == b"abc"
+
+
+def test_cuda_python_without_a_device_is_reported():
+    """With cuda-python but no driver / GPU, the GPU query and buffers fail with clear errors."""
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    if _has_cuda():
+        pytest.skip("a CUDA device is present")
+    from cellsam_trt.engine.trt_backend import CudaError, HostDeviceBuffer, TrtUnavailable, query_gpu
+
+    with pytest.raises(TrtUnavailable, match="no usable CUDA device 0: cudaGetDeviceProperties failed"):
+        query_gpu(0)
+    with pytest.raises(CudaError, match="cudaMallocHost failed"):
+        HostDeviceBuffer((2, 3), np.float32)

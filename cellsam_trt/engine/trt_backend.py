@@ -271,19 +271,37 @@ class _EngineRunner:
         if key in self.graphs and self.last_key == key:
             _check(self.cudart.cudaGraphLaunch(self.graphs[key][1], self.stream), "cudaGraphLaunch")
             return
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):  # TRT takes the handle as an int
             raise RuntimeError(f"{self.path}: execute_async_v3 failed (see the TensorRT log)")
         if key in self.graph_shapes and key not in self.graphs:
-            # after one ordinary enqueue with these shapes: capture the same work into a graph
-            cudart = self.cudart
+            self.graph_shapes.discard(key)  # one attempt per shape; a failed capture is not fatal
+            self._capture(key)
+
+    def _capture(self, key: tuple) -> None:
+        """Capture the enqueue for the current shapes into a CUDA graph (after one ordinary
+        enqueue with these shapes, whose results this call returns). Capture errors leave the
+        runner on ordinary enqueues."""
+        cudart = self.cudart
+        try:
             _check(cudart.cudaStreamBeginCapture(self.stream,
                                                  cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
                    "cudaStreamBeginCapture")
-            ok = self.context.execute_async_v3(self.stream)
-            graph = _check(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-            if ok and graph is not None:
-                exe = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
-                self.graphs[key] = (graph, exe)
+        except CudaError:
+            return
+        ok = False
+        try:
+            ok = self.context.execute_async_v3(int(self.stream))
+        finally:
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if not ok or err != cudart.cudaError_t.cudaSuccess or graph is None:
+            if graph is not None and err == cudart.cudaError_t.cudaSuccess:
+                cudart.cudaGraphDestroy(graph)
+            return
+        err, exe = cudart.cudaGraphInstantiate(graph, 0)
+        if err != cudart.cudaError_t.cudaSuccess:
+            cudart.cudaGraphDestroy(graph)
+            return
+        self.graphs[key] = (graph, exe)
 
     def run(self, feeds: dict[str, np.ndarray], resident: tuple[str, ...] = ()) -> list[np.ndarray]:
         """Check, upload (except ``resident`` inputs already on the device with their shape
