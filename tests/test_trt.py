@@ -467,6 +467,14 @@ def test_trt_backend_without_tensorrt_says_so(tmp_path):
         TB._require_trt10()
 
 
+@pytest.mark.skipif(_has_tensorrt(), reason="checks the message shown where TensorRT is missing")
+def test_cli_build_without_tensorrt_says_so(tiny_export, tmp_path, capsys):
+    from cellsam_trt.cli import main
+
+    assert main(["build", "--onnx", str(tiny_export), "--out", str(tmp_path / "e")]) == 2
+    assert "TensorRT is not installed" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- real TensorRT (GPU)
 
 

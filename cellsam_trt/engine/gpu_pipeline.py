@@ -287,6 +287,11 @@ class GpuPipeline:
         if n == 0 or embedding is None:
             st["result"] = _empty(h, w, None, threshold)
             return
+        if torch.is_tensor(embedding) and embedding.is_cuda:
+            # the back stage runs on another stream: it waits for this event before reading
+            ready = torch.cuda.Event()
+            ready.record()
+            st["ready"] = ready
         st.update(embedding=embedding, boxes_1024=boxes_1024, pts=pts, lab=lab, scores=scores, threshold=threshold)
         del st["sq"]
 
@@ -295,6 +300,11 @@ class GpuPipeline:
         if "result" in st:
             return
         h, w = st["h"], st["w"]
+        ready = st.pop("ready", None)
+        if ready is not None:
+            stream = torch.cuda.current_stream()
+            stream.wait_event(ready)
+            st["embedding"].record_stream(stream)  # its memory is not reused before this stream is done
         args = dict(boxes=st["boxes_1024"], points=st["pts"], point_labels=st["lab"])
         if self._device_tensors:
             lowres_t, iou_t = self.backend.decode_tensors(st["embedding"], **args)

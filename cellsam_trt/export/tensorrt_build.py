@@ -786,6 +786,7 @@ def build_export(onnx_dir, out_dir, options: BuildOptions, models: Sequence[str]
     """Plan and build every engine of an export directory on GPU ``device_id``."""
     from ..engine.trt_backend import query_gpu
 
+    _require_trt10()  # say "TensorRT is not installed" before anything else
     gpu = query_gpu(device_id)
     plans = plan_export(onnx_dir, out_dir, options, gpu, models)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
