@@ -26,40 +26,48 @@ GPU name and compute capability, ``export.engine_file``): a mismatch raises
 ``EngineCompatError`` with the ``cellsam-trt build`` command that rebuilds the engine.
 
 NOT RUN: no TensorRT and no GPU were available where this was written; nothing in this file
-has executed against a real engine. Everything around it (headers, plans, calibration logic,
-spec checks) is tested on the CPU. The calls were checked against:
+has executed against a real engine or a real CUDA device. Its control flow and data movement
+are tested with stand-in ``tensorrt`` / ``cudart`` modules (``tests/test_trt_runtime_fake.py``),
+everything around it (headers, plans, calibration logic, spec checks) on the CPU. The calls
+were checked as follows:
 
-* TensorRT 10 Python API (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/,
-  pages infer/Core/Runtime, ICudaEngine, ExecutionContext, OptimizationProfile, Builder,
-  BuilderConfig, Int8/IInt8EntropyCalibrator2, parsers/Onnx/OnnxParser) and, for exact Python
-  names and argument orders, the pybind11 binding sources of NVIDIA/TensorRT at tags v10.0.0
-  and v10.13.0 (python/src/infer/pyCore.cpp, pyGraph.cpp, pyInt8.cpp, pyFoundationalTypes.cpp,
-  python/src/parsers/pyOnnx.cpp, python/docstrings/infer/*.h):
+* TensorRT 10 Python API. Exact Python names, argument orders and return values were read in
+  the pybind11 binding sources and docstrings of NVIDIA/TensorRT at tags v10.0.0 and v10.13.0
+  (python/src/infer/pyCore.cpp, pyGraph.cpp, pyInt8.cpp, pyFoundationalTypes.cpp,
+  python/src/parsers/pyOnnx.cpp, python/docstrings/infer/pyCoreDoc.h, pyGraphDoc.h,
+  pyInt8Doc.h, python/packaging/bindings_wheel/tensorrt/__init__.py, include/NvInfer.h), and
+  cross-checked with the documentation pages found by search:
+  docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html,
+  .../python-api/infer/Core/OptimizationProfile.html, the TensorRT 10.x C++ pages of
+  IExecutionContext and IOptimizationProfile, and "Migrating from enqueueV2 to enqueueV3"
+  (docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-8x-to-10x-c-api-patterns.html:
+  set every I/O tensor address, then enqueueV3). Calls used here:
   ``trt.Logger(trt.Logger.WARNING)``, ``trt.Runtime(logger).deserialize_cuda_engine(buffer)``
   (returns None on failure), ``engine.num_io_tensors``, ``get_tensor_name(i)``,
   ``get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``), ``get_tensor_dtype(name)``,
   ``get_tensor_profile_shape(name, profile_index)`` -> [min, opt, max],
-  ``engine.create_execution_context()``, ``context.set_input_shape(name, shape)`` (returns
-  bool), ``context.set_tensor_address(name, int_ptr)`` (bool), ``context.get_tensor_shape(name)``,
-  ``context.execute_async_v3(stream_handle)`` (bool; "use a non-default stream"),
-  ``trt.float32`` etc. module aliases of ``trt.DataType``.
-* cuda-python (``cuda.bindings.runtime``, the NVIDIA bindings; signatures and return tuples
-  read from the installed cuda-bindings 13.4 docstrings; every call returns ``(cudaError_t,
-  *values)``): ``cudaMallocHost(size)`` -> (err, ptr), ``cudaMalloc(size)``, ``cudaFreeHost``,
-  ``cudaFree``, ``cudaMemcpyAsync(dst, src, count, kind, stream)`` with
-  ``cudaMemcpyKind.cudaMemcpyHostToDevice`` / ``DeviceToHost``, ``cudaMemcpy``,
-  ``cudaStreamCreateWithFlags(cudaStreamNonBlocking)``, ``cudaEventCreateWithFlags(
-  cudaEventDisableTiming)``, ``cudaEventRecord(event, stream)``, ``cudaEventSynchronize``,
-  ``cudaStreamBeginCapture(stream, cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)``,
-  ``cudaStreamEndCapture(stream)`` -> (err, graph), ``cudaGraphInstantiate(graph, 0)`` ->
-  (err, graph_exec), ``cudaGraphLaunch(graph_exec, stream)``, ``cudaGraphExecDestroy``,
-  ``cudaGraphDestroy``, ``cudaStreamDestroy``, ``cudaEventDestroy``, ``cudaSetDevice``,
-  ``cudaGetDeviceProperties(device)`` -> (err, prop) with ``prop.name`` / ``major`` / ``minor``
-  / ``totalGlobalMem``, ``cudaGetErrorString(err)``.
-* Not retrieved as a document here, taken from the TensorRT developer guide's "CUDA Graphs"
+  ``engine.create_execution_context()``, ``context.set_input_shape(name, shape)`` (bool),
+  ``context.set_tensor_address(name, int_ptr)`` (bool), ``context.get_tensor_shape(name)``,
+  ``context.execute_async_v3(stream_handle: int)`` (bool; the docstring asks for a
+  non-default stream), ``trt.float32`` (module alias of ``trt.DataType.FLOAT``).
+* cuda-python (``cuda.bindings.runtime``, NVIDIA's bindings): signatures and return tuples
+  read from the docstrings of the installed cuda-bindings 13.4 and tried without a driver
+  (every call returns ``(cudaError_t, *values)``; ``int(cudaStream_t)`` is the raw handle):
+  ``cudaMallocHost(size)`` -> (err, ptr), ``cudaMalloc(size)``, ``cudaFreeHost``, ``cudaFree``,
+  ``cudaMemcpyAsync(dst, src, count, kind, stream)`` with ``cudaMemcpyKind.cudaMemcpyHostToDevice``
+  / ``DeviceToHost``, ``cudaMemcpy``, ``cudaStreamCreateWithFlags(cudaStreamNonBlocking)``,
+  ``cudaEventCreateWithFlags(cudaEventDisableTiming)``, ``cudaEventRecord(event, stream)``,
+  ``cudaEventSynchronize``, ``cudaStreamBeginCapture(stream,
+  cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)``, ``cudaStreamEndCapture(stream)``
+  -> (err, graph), ``cudaGraphInstantiate(graph, 0)`` -> (err, graph_exec),
+  ``cudaGraphLaunch(graph_exec, stream)``, ``cudaGraphExecDestroy``, ``cudaGraphDestroy``,
+  ``cudaStreamDestroy``, ``cudaEventDestroy``, ``cudaSetDevice``,
+  ``cudaGetDeviceProperties(device)`` -> (err, prop) with ``prop.name`` (bytes) / ``major`` /
+  ``minor`` / ``totalGlobalMem``, ``cudaGetErrorString(err)`` -> (err, bytes).
+* Not found by the document search, taken from the TensorRT developer guide's "CUDA Graphs"
   section as remembered: enqueue once before capturing (deferred shape work must not happen
-  inside the capture), and a graph is only valid for the shapes and addresses it was
-  captured with. Treat it as such.
+  inside the capture), and a graph is valid only for the shapes and addresses it was captured
+  with. A failed capture is therefore not fatal here: the runner keeps ordinary enqueues.
 """
 
 from __future__ import annotations

@@ -25,8 +25,15 @@ Precision policy
       the FP32 set above stays FP32. Calibration batches are preprocessed by
       ``cellsam_trt.preprocess`` exactly as at run time; the calibration cache is reused.
 
-TensorRT API notes (checked against the TensorRT 10 Python API; see ``trt_backend`` for the
-list of pages): ``Builder.create_network(0)`` (explicit batch is the only mode in TRT 10),
+TensorRT API notes. Python names, argument orders and return values were read in the
+pybind11 binding sources and docstrings of NVIDIA/TensorRT v10.0.0 and v10.13.0 (see
+``trt_backend``), and cross-checked with the documentation pages found by search: Python API
+infer/Core/TimingCache.html and the "Optimizing Builder Performance" page of TensorRT 10.16
+(createTimingCache with an empty buffer makes a new cache, setTimingCache before the build,
+serialize after it), parsers/Onnx/pyOnnx.html (``parse_from_file``, ``num_errors``,
+``get_error``), infer/Core/OptimizationProfile.html, the IBuilderConfig / MemoryPoolType
+pages (kWORKSPACE), and include/NvInfer.h v10.0.0 (``setCalibrationProfile``; ``getBatchSize``
+deprecated with implicit batch). Calls: ``Builder.create_network(0)`` (explicit batch is the only mode in TRT 10),
 ``OnnxParser.parse_from_file``, ``IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE,
 bytes)``, ``set_flag``/``clear_flag``, ``builder_optimization_level``,
 ``IOptimizationProfile.set_shape(name, min, opt, max)``, ``add_optimization_profile``,
@@ -35,7 +42,8 @@ bytes)``, ``set_flag``/``clear_flag``, ``builder_optimization_level``,
 MIN / MAX are overwritten by OPT), ``ILayer.precision`` / ``set_output_type``,
 ``Builder.build_serialized_network``. Per-layer precision and the FP16 / BF16 / INT8 builder
 flags are deprecated since TensorRT 10.12 ("superseded by strong typing") but still work in
-every 10.x release; TensorRT 11 removes them, and ``build_engine`` refuses TensorRT != 10.
+every 10.x release; TensorRT 11 removes them (checked in the v11.0 binding sources), and
+``build_engine`` refuses TensorRT != 10.
 """
 
 from __future__ import annotations
