@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
+    from .export.trt_cli import add_build_parser  # TensorRT engines (imports nothing heavy)
+    add_build_parser(sub)
     info = sub.add_parser("info", help="installed backends, versions and GPUs")
     info.set_defaults(func=cmd_info)
     from .export.cli import add_export_parser

@@ -32,6 +32,12 @@ class InstanceMatch:
     matched_ious: np.ndarray = field(repr=False)  # (n_matched,) IoU of every matched pair
     pairs: np.ndarray = field(repr=False)  # (n_matched, 2) reference label, test label
 
+    @property
+    def f1_50(self) -> float:
+        """F1 at IoU >= 0.5 (harmonic mean of recall and precision at 0.5)."""
+        p, r = self.precision_50, self.frac_matched_50
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
     def as_dict(self) -> dict:
         return {"n_reference": self.n_reference, "n_test": self.n_test, "mean_iou": self.mean_iou,
                 "frac_matched_50": self.frac_matched_50, "precision_50": self.precision_50,
@@ -70,8 +76,23 @@ def iou_matrix(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.
     return iou, la[keep_a], lb[keep_b]
 
 
-def match_instances(reference: np.ndarray, test: np.ndarray, threshold: float = 0.5) -> InstanceMatch:
-    """One-to-one matching of the instances of two label maps by IoU (see the module doc)."""
+def drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
+    """A copy of ``labels`` with instances of fewer than ``min_area`` pixels set to 0."""
+    lab = np.asarray(labels)
+    ids, counts = np.unique(lab, return_counts=True)
+    small = ids[(counts < min_area) & (ids != 0)]
+    return np.where(np.isin(lab, small), 0, lab)
+
+
+def match_instances(reference: np.ndarray, test: np.ndarray, threshold: float = 0.5,
+                    min_area: int = 0) -> InstanceMatch:
+    """One-to-one matching of the instances of two label maps by IoU (see the module doc).
+
+    min_area: instances of fewer pixels are ignored in both maps (fragments whose IoU is
+    dominated by single pixels).
+    """
+    if min_area > 0:
+        reference, test = drop_small(reference, min_area), drop_small(test, min_area)
     iou, la, lb = iou_matrix(reference, test)
     r, t = iou.shape
     pixel = float((np.asarray(reference) == np.asarray(test)).mean()) if np.size(reference) else 1.0

@@ -64,3 +64,14 @@ def test_empty_maps():
     assert match_instances(_discs(), np.zeros((64, 80), np.int32)).mean_iou == 0.0
     with pytest.raises(ValueError, match="shape"):
         match_instances(z, np.zeros((5, 6), np.int32))
+
+
+def test_min_area_ignores_fragments():
+    a = np.zeros((40, 40), np.int32)
+    a[5:15, 5:15] = 1
+    a[20:30, 20:30] = 2
+    b = a.copy()
+    a[0, 0] = 9  # a one-pixel fragment only in the reference
+    assert match_instances(a, b).frac_matched_50 == pytest.approx(2 / 3)
+    m = match_instances(a, b, min_area=5)
+    assert m.n_reference == 2 and m.frac_matched_50 == 1.0 and m.mean_iou == 1.0 and m.f1_50 == 1.0

@@ -1,0 +1,119 @@
+"""``cellsam-trt build``: TensorRT engines from an export directory (argument parsing only;
+the work is in ``tensorrt_build``).
+
+    cellsam-trt build --onnx export/ --out engines/ --precision fp16
+    cellsam-trt build --onnx export/ --out engines/ --precision int8 --calib-images calib/
+    cellsam-trt build --onnx export/ --out engines/ --dry-run --gpu-name "NVIDIA H100" --compute-capability 9.0
+
+``--dry-run`` prints the build plans (profiles, flags, FP32 layers, workspace, cache paths) as
+JSON and builds nothing; with ``--gpu-name`` / ``--compute-capability`` it needs neither
+TensorRT nor a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import specs as S
+
+
+def add_build_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``build`` on an ``argparse`` subparsers object; returns the parser."""
+    p = subparsers.add_parser("build", help="build TensorRT engines from an ONNX export directory",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", required=True, help="export directory (cellsam-trt export): manifest.json + *.onnx")
+    p.add_argument("--out", required=True, help="where the .engine files, timing cache and calibration caches go")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp16")
+    p.add_argument("--models", nargs="+", choices=S.MODEL_NAMES, help="graphs to build (default: all in the export)")
+    g = p.add_argument_group("profiles (default: the spec's bounds)")
+    g.add_argument("--max-batch", type=int, help="max images per encoder / CellFinder call (e.g. 8)")
+    g.add_argument("--opt-batch", type=int, help="batch TensorRT tunes for")
+    g.add_argument("--max-prompts", type=int, help="max prompts per decoder call")
+    g.add_argument("--opt-prompts", type=int, help="prompt count TensorRT tunes the decoder for")
+    g.add_argument("--max-points", type=int, help="max points per prompt")
+    g = p.add_argument_group("builder")
+    g.add_argument("--workspace-gib", type=float, help="WORKSPACE pool limit (default min(4, GPU memory / 4))")
+    g.add_argument("--timing-cache", help="timing cache file (default OUT/timing.cache), reused and updated")
+    g.add_argument("--no-timing-cache", action="store_true")
+    g.add_argument("--keep-fp32", action="append", default=[], metavar="REGEX",
+                   help="extra layer-name pattern kept in FP32 (repeatable)")
+    g.add_argument("--fp32-attention", action="store_true", help="also keep attention scores in FP32")
+    g.add_argument("--prefer-precision", action="store_true",
+                   help="PREFER instead of OBEY precision constraints (TensorRT may fall back)")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 in FP32 layers")
+    g.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
+    g = p.add_argument_group("INT8 calibration (--precision int8)")
+    g.add_argument("--calib-images", help="folder of representative images")
+    g.add_argument("--calib-cache-dir", help="where <model>.int8.calib caches are read / written (default OUT)")
+    g.add_argument("--calib-batch", type=int, default=1)
+    g.add_argument("--calib-max-images", type=int, default=64)
+    g = p.add_argument_group("target")
+    g.add_argument("--device", type=int, default=0, help="CUDA device index")
+    g.add_argument("--dry-run", action="store_true", help="print the build plans as JSON, build nothing")
+    g.add_argument("--gpu-name", help="plan for this GPU instead of querying one (with --dry-run)")
+    g.add_argument("--compute-capability", help="e.g. 8.9 (with --gpu-name)")
+    g.add_argument("--gpu-memory-gib", type=float, default=16.0, help="GPU memory for planning (with --gpu-name)")
+    p.set_defaults(func=cmd_build)
+    return p
+
+
+def options_from_args(args):
+    from .tensorrt_build import BuildOptions
+
+    return BuildOptions(
+        precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch, max_prompts=args.max_prompts,
+        opt_prompts=args.opt_prompts, max_points=args.max_points, workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache, no_timing_cache=args.no_timing_cache, calib_images=args.calib_images,
+        calib_cache_dir=args.calib_cache_dir, calib_batch=args.calib_batch, calib_max_images=args.calib_max_images,
+        keep_fp32=tuple(args.keep_fp32), fp32_attention=args.fp32_attention,
+        strict_precision=not args.prefer_precision, tf32=args.tf32, optimization_level=args.optimization_level,
+    )
+
+
+def _gpu_from_args(args):
+    from .tensorrt_build import GIB, GpuFacts
+
+    if args.gpu_name is None:
+        return None
+    if not args.compute_capability:
+        raise SystemExit("cellsam-trt build: --gpu-name needs --compute-capability (e.g. 8.9)")
+    try:
+        major, minor = (int(x) for x in args.compute_capability.split("."))
+    except ValueError:
+        raise SystemExit(f"cellsam-trt build: --compute-capability must look like 8.9, got {args.compute_capability!r}")
+    return GpuFacts(args.gpu_name, (major, minor), int(args.gpu_memory_gib * GIB))
+
+
+def cmd_build(args) -> int:
+    from .tensorrt_build import BuildError, PlanError, build_export, plan_export
+    from .onnx_export import ManifestError
+    from .engine_file import EngineCompatError
+
+    options = options_from_args(args)
+    log = lambda m: print(m, file=sys.stderr)
+    try:
+        gpu = _gpu_from_args(args)
+        if args.dry_run:
+            if gpu is None:
+                from ..engine.trt_backend import query_gpu
+
+                gpu = query_gpu(args.device)
+            plans = plan_export(args.onnx, args.out, options, gpu, args.models)
+            out = []
+            for p in plans:
+                d = p.to_dict()
+                d["fp32_names"] = f"{len(p.fp32_names)} ONNX nodes"
+                out.append(d)
+            print(json.dumps(out, indent=1, sort_keys=True))
+            return 0
+        if gpu is not None:
+            raise SystemExit("cellsam-trt build: --gpu-name plans for another GPU and is only valid with --dry-run "
+                             "(engines are built on the GPU they will run on)")
+        paths = build_export(args.onnx, args.out, options, args.models, args.device, log)
+    except (PlanError, BuildError, ManifestError, EngineCompatError, RuntimeError) as e:
+        print(f"cellsam-trt build: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in paths))
+    return 0
