@@ -347,7 +347,7 @@ def main(argv=None) -> int:
 
 
 def table(result: dict) -> str:
-    rows = ["| configuration | s (4 images) | images/s | vs official-style | preprocess s | encode s (GFLOP/s) "
+    rows = ["| configuration | seconds (all images) | images/s | vs official-style | preprocess s | encode s (GFLOP/s) "
             "| decode s (GFLOP/s) | postprocess s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in result["runs"].items():
         st, g = r.get("stages"), r.get("gflops", {})
