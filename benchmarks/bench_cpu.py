@@ -66,7 +66,6 @@ def machine_info() -> dict:
 
 def matmul_ceiling(threads: int) -> dict:
     """Best-of-5 GFLOP/s of a 2048^3 float32 matmul in NumPy and in ONNX Runtime (``threads``)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
