@@ -41,10 +41,33 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def _build_pipeline(args):
+    """-> (pipeline, description of the model for the run summary).
+
+    With ``--model DIR`` (an export directory, ``cellsam-trt export``) the default backend is
+    ONNX Runtime; with a checkpoint (or a synthetic seed) it is the PyTorch reference.
+    """
     from .pipeline import CellSAMPipeline, SegmentSettings
 
+    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
+                               channel_axis=args.channel_axis)
+    model_dir = getattr(args, "model", None)
+    if model_dir is not None:
+        backend = "ort" if args.backend == "auto" else args.backend
+        if backend not in ("ort", "torch"):
+            raise SystemExit(f"cellsam-trt: backend {backend!r} is not available for run in this version; "
+                             "use ort or torch")
+        from .engine.api import CellSAMEngine
+
+        try:
+            engine = CellSAMEngine.load(model_dir, backend=backend, settings=settings, threads=args.threads,
+                                        device=args.device, checkpoint=args.checkpoint)
+        except (OSError, ValueError, ImportError) as e:
+            raise SystemExit(f"cellsam-trt: cannot load the model in {model_dir}: {e}")
+        print(f"model: {model_dir} ({backend}, adv mode {engine.backend.adv_mode})", file=sys.stderr)
+        return engine.pipeline, {"model": str(model_dir), "backend": backend, "adv_mode": engine.backend.adv_mode}
     if args.backend not in ("auto", "torch"):
-        raise SystemExit(f"cellsam-trt: backend {args.backend!r} is not available in this version; use torch")
+        raise SystemExit(f"cellsam-trt: backend {args.backend!r} needs an export directory (--model DIR, "
+                         "made by cellsam-trt export)")
     try:
         import torch
     except ImportError:
@@ -58,9 +81,8 @@ def _build_pipeline(args):
     path = args.checkpoint if args.checkpoint else synthetic_checkpoint(args.synthetic_seed)
     ck = load_checkpoint(path)
     print(f"model: {path} ({ck.mode_description})", file=sys.stderr)
-    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
-                               channel_axis=args.channel_axis)
-    return CellSAMPipeline(TorchBackend(ck.model, device=args.device), settings), ck
+    pipe = CellSAMPipeline(TorchBackend(ck.model, device=args.device), settings)
+    return pipe, {"checkpoint": str(ck.path), "backend": "torch", "adv_mode": ck.adv_mode}
 
 
 def select_channels(image: np.ndarray, channel_axis: int | None, nuclear: int | None, wholecell: int | None):
@@ -122,10 +144,10 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     boxes = cio.read_boxes(args.boxes) if args.boxes else None
-    pipe, ck = _build_pipeline(args)
+    pipe, model_info = _build_pipeline(args)
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        "checkpoint": ck.path, "adv_mode": ck.adv_mode, "versions": _versions(), "files": [],
+        **model_info, "versions": _versions(), "files": [],
     }
     failed = done = 0
     t_start = time.perf_counter()
@@ -182,7 +204,7 @@ def cmd_demo(args) -> int:
     print(f"demo: synthetic image and boxes in {inputs}; synthetic checkpoint seed {args.synthetic_seed}",
           file=sys.stderr)
     run_args = argparse.Namespace(
-        inputs=[str(inputs)], out=str(out / "labels"), checkpoint=None, synthetic_seed=args.synthetic_seed,
+        inputs=[str(inputs)], out=str(out / "labels"), model=None, checkpoint=None, synthetic_seed=args.synthetic_seed,
         boxes=str(out / "cells_boxes.json"), backend="auto", device="cpu", format="tif", overwrite=True,
         bbox_threshold=0.4, iou_threshold=0.5, channel_axis=None, threads=args.threads, table="csv", geojson=True,
         nuclear_channel=None, wholecell_channel=None, quiet=False,
@@ -232,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="+")
     run.add_argument("--out", required=True)
     _add_model_options(run)
+    run.add_argument("--model", type=Path, help="export directory (cellsam-trt export): ONNX Runtime by default")
     run.add_argument("--boxes", help='JSON {"boxes": [[x1, y1, x2, y2], ...]} in original pixels (x = column)')
     run.add_argument("--format", choices=FORMATS, default="tif")
     run.add_argument("--overwrite", action="store_true", help="redo images whose output exists")

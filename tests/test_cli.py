@@ -177,3 +177,22 @@ def test_console_script_info():
     out = subprocess.run([sys.executable, "-m", "cellsam_trt.cli", "info"], capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["torch"] == torch.__version__ and "cuda_devices" in info
+
+
+def test_run_on_an_export_uses_onnx_runtime(tiny_checkpoint, tiny_export, images, tmp_path):
+    """--model DIR runs ONNX Runtime; its labels match the PyTorch reference run."""
+    d, boxes = images
+    out_ort, out_torch = tmp_path / "ort", tmp_path / "torch"
+    assert run(d / "a.tif", "--out", out_ort, "--model", tiny_export, "--boxes", boxes) == 0
+    summary = json.loads((out_ort / "run_summary.json").read_text())
+    assert summary["backend"] == "ort" and summary["files"][0]["status"] == "ok"
+    ckpt = json.loads((tiny_export / "manifest.json").read_text())["checkpoint"]["path"]
+    assert run(d / "a.tif", "--out", out_torch, "--checkpoint", ckpt, "--boxes", boxes) == 0
+    a, b = tifffile.imread(out_ort / "a_labels.tif"), tifffile.imread(out_torch / "a_labels.tif")
+    assert a.max() > 0 and (a == b).mean() >= 0.999
+
+
+def test_backend_needs_an_export(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((20, 20), np.uint8))
+    with pytest.raises(SystemExit, match="export directory"):
+        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "ort", "--quiet"])
