@@ -147,15 +147,19 @@ class CellSAMPipeline:
         h, w = norm.shape[:2]
         return self.segment_prepared(sq, h, w, boxes, points, point_labels, return_embedding)
 
-    def segment_prepared(self, sq, h, w, boxes=None, points=None, point_labels=None, return_embedding=False, embedding=None):
-        """``segment`` from the squashed (3, 1024, 1024) image, optionally with its embedding."""
-        scores = threshold = raw = None
-        pts = lab = None
+    def prompts_1024(self, sq, h, w, boxes=None, points=None, point_labels=None):
+        """The prompts of one image in the 1024 frame (CellFinder's when none are given).
+
+        -> (boxes_1024 (N, 4) float32 or None, points (N, P, 2) float32 or None, point labels
+        (N, P) int64 or None, scores (N,) or None, dynamic threshold or None, raw CellFinder
+        outputs or None), or None in automatic mode on a blank image (nothing to detect).
+        """
+        scores = threshold = raw = pts = lab = None
         if boxes is None and points is None:
             if not self.backend.has_detector:
                 raise ValueError("this model has no CellFinder: give box or point prompts")
             if not np.any(sq):
-                return _empty(h, w)
+                return None
             boxes_1024, scores, threshold, raw = self.detect(sq)
         else:
             boxes_1024 = None if boxes is None else prompt_ops.scale_boxes_to_model(_box_prompts(boxes), h, w)
@@ -164,6 +168,14 @@ class CellSAMPipeline:
                 pts = prompt_ops.scale_points_to_model(pts, h, w)
                 if boxes_1024 is not None and len(boxes_1024) != len(pts):
                     raise ValueError(f"{len(boxes_1024)} boxes but {len(pts)} point prompts")
+        return boxes_1024, pts, lab, scores, threshold, raw
+
+    def segment_prepared(self, sq, h, w, boxes=None, points=None, point_labels=None, return_embedding=False, embedding=None):
+        """``segment`` from the squashed (3, 1024, 1024) image, optionally with its embedding."""
+        prompts = self.prompts_1024(sq, h, w, boxes, points, point_labels)
+        if prompts is None:  # automatic mode on a blank image
+            return _empty(h, w)
+        boxes_1024, pts, lab, scores, threshold, raw = prompts
         n = len(boxes_1024) if boxes_1024 is not None else len(pts)
         if embedding is None and (n > 0 or return_embedding):
             embedding = self._embed(sq)

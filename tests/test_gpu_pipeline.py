@@ -26,6 +26,7 @@ from cellsam_trt.model.cellsam import CellSAMConfig
 from cellsam_trt.model.checkpoint import load_state_dict
 from cellsam_trt.model.synthetic import synthetic_state_dict
 from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+from test_pipeline import cells_image
 
 TINY = CellSAMConfig.tiny()
 THRESHOLD_LOGIT = math.log(0.4 / 0.6)
@@ -180,16 +181,6 @@ def test_closing_early_stops_the_workers():
 # --------------------------------------------------------------------------- faithfulness
 
 
-def cells_image(seed=0, h=200, w=240, n=12):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    img = rng.normal(20, 5, (h, w))
-    boxes = []
-    for _ in range(n):
-        cy, cx, r = int(rng.integers(15, h - 15)), int(rng.integers(15, w - 15)), int(rng.integers(6, 14))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 150
-        boxes.append([cx - r, cy - r, cx + r, cy + r])
-    return np.clip(img, 0, 255).astype(np.uint8), np.array(boxes, np.float32)
 
 
 def _same(a, b, exact=True):

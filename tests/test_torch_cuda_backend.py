@@ -20,6 +20,7 @@ from cellsam_trt.model.synthetic import synthetic_state_dict
 from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
 
 from conftest import record
+from test_pipeline import cells_image
 
 TINY = CellSAMConfig.tiny()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -31,16 +32,6 @@ def tiny_model():
     return model
 
 
-def cells_image(seed=0, h=200, w=240, n=12):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    img = rng.normal(20, 5, (h, w))
-    boxes = []
-    for _ in range(n):
-        cy, cx, r = int(rng.integers(15, h - 15)), int(rng.integers(15, w - 15)), int(rng.integers(6, 14))
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 150
-        boxes.append([cx - r, cy - r, cx + r, cy + r])
-    return np.clip(img, 0, 255).astype(np.uint8), np.array(boxes, np.float32)
 
 
 def _scaled(a, b):

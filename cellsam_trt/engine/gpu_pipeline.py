@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .. import labels as label_ops
 from .. import preprocess as pre
 from .. import prompts as prompt_ops
-from ..pipeline import CellSAMPipeline, Segmentation, SegmentSettings, _box_prompts, _empty, _point_prompts
+from ..pipeline import CellSAMPipeline, Segmentation, SegmentSettings, _empty
 
 LOWRES = label_ops.LOWRES
 MODEL_SIZE = label_ops.MODEL_SIZE
@@ -257,23 +257,11 @@ class GpuPipeline:
         st = item.state
         sq, h, w = st["sq"], st["h"], st["w"]
         p = item.prompts or {}
-        boxes, points, point_labels = p.get("boxes"), p.get("points"), p.get("point_labels")
-        scores = threshold = None
-        pts = lab = None
-        if boxes is None and points is None:
-            if not self.backend.has_detector:
-                raise ValueError("this model has no CellFinder: give box or point prompts")
-            if not np.any(sq):
-                st["result"] = _empty(h, w)
-                return
-            boxes_1024, scores, threshold, _ = self.pipe.detect(sq)
-        else:
-            boxes_1024 = None if boxes is None else prompt_ops.scale_boxes_to_model(_box_prompts(boxes), h, w)
-            if points is not None:
-                pts, lab = _point_prompts(points, point_labels)
-                pts = prompt_ops.scale_points_to_model(pts, h, w)
-                if boxes_1024 is not None and len(boxes_1024) != len(pts):
-                    raise ValueError(f"{len(boxes_1024)} boxes but {len(pts)} point prompts")
+        prompts = self.pipe.prompts_1024(sq, h, w, p.get("boxes"), p.get("points"), p.get("point_labels"))
+        if prompts is None:  # automatic mode on a blank image
+            st["result"] = _empty(h, w)
+            return
+        boxes_1024, pts, lab, scores, threshold, _ = prompts
         n = len(boxes_1024) if boxes_1024 is not None else len(pts)
         embedding = None
         if n > 0:
