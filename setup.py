@@ -75,7 +75,10 @@ setup(
         "ort": ["onnxruntime>=1.17"],
         "trt": ["tensorrt>=10.0", "cuda-python>=12.0"],
         "parquet": ["pyarrow>=12"],
-        "dev": ["pytest>=7", "scikit-learn>=1.3", "hypothesis>=6", "pyarrow>=12"],
+        # whole slides: lazy OME-TIFF / OME-Zarr IO and label stores, Dask clusters
+        "slide": ["zarr>=3.0", "dask[distributed]>=2024.1"],
+        "dev": ["pytest>=7", "scikit-learn>=1.3", "hypothesis>=6", "pyarrow>=12", "zarr>=3.0",
+                "dask[distributed]>=2024.1", "psutil>=5"],
     },
     entry_points={"console_scripts": ["cellsam-trt=cellsam_trt.cli:main"]},
     ext_modules=[native],

@@ -18,16 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from . import io as cio
+from .preprocess import select_channels
 
 FORMATS = ("tif", "npy", "png")
 
 
-def _expand_inputs(inputs: list[str]) -> list[Path]:
+def _expand_inputs(inputs: list[str], slides: bool = False) -> list[Path]:
+    """Files, folders (their images; with ``slides`` also their Zarr stores) and globs."""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in cio.IMAGE_SUFFIXES)
+        if p.is_dir() and not (slides and p.suffix.lower() == ".zarr"):
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in cio.IMAGE_SUFFIXES
+                            or (slides and f.suffix.lower() == ".zarr" and f.is_dir()))
         elif any(c in item for c in "*?["):
             files += sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
         else:
@@ -40,70 +43,41 @@ def _expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _build_pipeline(args):
-    """-> (pipeline, description of the model for the run summary).
-
-    With ``--model DIR`` (an export directory, ``cellsam-trt export``) the default backend is
-    ONNX Runtime; with a checkpoint (or a synthetic seed) it is the PyTorch reference.
-    """
-    from .pipeline import CellSAMPipeline, SegmentSettings
+def engine_spec(args):
+    """The ``EngineSpec`` the options name: ``--model DIR`` (an export: ONNX Runtime by
+    default) or a checkpoint / synthetic seed (the PyTorch reference)."""
+    from .engine.api import EngineSpec
+    from .pipeline import SegmentSettings
 
     settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
                                channel_axis=args.channel_axis)
     model_dir = getattr(args, "model", None)
-    if model_dir is not None:
-        backend = "ort" if args.backend == "auto" else args.backend
-        if backend not in ("ort", "torch"):
-            raise SystemExit(f"cellsam-trt: backend {backend!r} is not available for run in this version; "
-                             "use ort or torch")
-        from .engine.api import CellSAMEngine
-
-        try:
-            engine = CellSAMEngine.load(model_dir, backend=backend, settings=settings, threads=args.threads,
-                                        device=args.device, checkpoint=args.checkpoint)
-        except (OSError, ValueError, ImportError) as e:
-            raise SystemExit(f"cellsam-trt: cannot load the model in {model_dir}: {e}")
-        print(f"model: {model_dir} ({backend}, adv mode {engine.backend.adv_mode})", file=sys.stderr)
-        return engine.pipeline, {"model": str(model_dir), "backend": backend, "adv_mode": engine.backend.adv_mode}
-    if args.backend not in ("auto", "torch"):
+    if model_dir is not None and args.backend not in ("auto", "ort", "torch"):
+        raise SystemExit(f"cellsam-trt: backend {args.backend!r} is not available for run in this version; "
+                         "use ort or torch")
+    if model_dir is None and args.backend not in ("auto", "torch"):
         raise SystemExit(f"cellsam-trt: backend {args.backend!r} needs an export directory (--model DIR, "
                          "made by cellsam-trt export)")
-    try:
-        import torch
-    except ImportError:
+    return EngineSpec(model_dir=None if model_dir is None else str(model_dir), backend=args.backend,
+                      checkpoint=None if args.checkpoint is None else str(args.checkpoint),
+                      synthetic_seed=args.synthetic_seed, settings=settings, threads=args.threads, device=args.device)
+
+
+def _build_engine(spec):
+    """-> (engine, description of the model for the run summary)."""
+    import importlib.util
+
+    if spec.model_dir is None and importlib.util.find_spec("torch") is None:
         raise SystemExit("cellsam-trt: the torch backend needs PyTorch (pip install torch, then '.[export]')")
-    from .engine.torch_backend import TorchBackend
-    from .model.checkpoint import load_checkpoint
-    from .model.synthetic import synthetic_checkpoint
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = args.checkpoint if args.checkpoint else synthetic_checkpoint(args.synthetic_seed)
-    ck = load_checkpoint(path)
-    print(f"model: {path} ({ck.mode_description})", file=sys.stderr)
-    pipe = CellSAMPipeline(TorchBackend(ck.model, device=args.device), settings)
-    return pipe, {"checkpoint": str(ck.path), "backend": "torch", "adv_mode": ck.adv_mode}
-
-
-def select_channels(image: np.ndarray, channel_axis: int | None, nuclear: int | None, wholecell: int | None):
-    """Pick the nuclear and whole-cell channels: -> (H, W, 2) [nuclear, whole-cell], (H, W, 1) or
-    the image unchanged when no channel is named (the pipeline then applies the official rule)."""
-    if nuclear is None and wholecell is None:
-        return image, channel_axis
-    if image.ndim == 2:
-        raise ValueError(f"--nuclear-channel/--wholecell-channel given, but the image is 2-D {image.shape}")
-    axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis % image.ndim
-    planes = np.moveaxis(image, axis, -1)
-    for name, idx in (("nuclear", nuclear), ("whole-cell", wholecell)):
-        if idx is not None and not 0 <= idx < planes.shape[-1]:
-            raise ValueError(f"{name} channel {idx} does not exist (image has {planes.shape[-1]} channels)")
-    if wholecell is None:  # nuclear only: (blank, nuclear, blank)
-        out = np.zeros(planes.shape[:2] + (2,), planes.dtype)
-        out[..., 0] = planes[..., nuclear]
-        return out, -1
-    if nuclear is None:
-        return planes[..., wholecell], None
-    return np.stack([planes[..., nuclear], planes[..., wholecell]], -1), -1
+    try:
+        engine, info = spec.build()
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"cellsam-trt: cannot load the model {spec.model_dir or spec.checkpoint or ''}: {e}")
+    if spec.model_dir is not None:
+        print(f"model: {spec.model_dir} ({info['backend']}, adv mode {info['adv_mode']})", file=sys.stderr)
+    else:
+        print(f"model: {info['checkpoint']} ({info.pop('mode')})", file=sys.stderr)
+    return engine, info
 
 
 def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
@@ -115,7 +89,7 @@ def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
     return paths
 
 
-def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, args) -> dict:
+def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, points, args) -> dict:
     from . import outputs
     from .pipeline import CellSAMPipeline
 
@@ -123,7 +97,8 @@ def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, args) -> dict:
     image, axis = select_channels(image, args.channel_axis, args.nuclear_channel, args.wholecell_channel)
     if axis != pipe.settings.channel_axis:
         pipe = CellSAMPipeline(pipe.backend, replace(pipe.settings, channel_axis=axis))
-    res = pipe.segment(image, boxes=boxes)
+    res = pipe.segment(image, boxes=boxes, points=None if points is None else points[0],
+                       point_labels=None if points is None else points[1])
     cio.write_labels(res.labels, paths["labels"], args.format)
     if "table" in paths or "geojson" in paths:
         table = outputs.cell_table(res, pipe.settings.min_size)
@@ -134,17 +109,126 @@ def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, args) -> dict:
     return {"cells": res.n_cells, "shape": list(res.labels.shape)}
 
 
+def _slide_outputs(f: Path, out: Path, args) -> dict[str, Path]:
+    ext = "ome.zarr" if args.slide_format == "ome-zarr" else "ome.tif"
+    return {"labels": out / f"{f.stem}_labels.{ext}"}
+
+
+def _tiled(args) -> bool:
+    return bool(args.tile_size or args.dask or args.dask_local)
+
+
+def _tile_settings(args, source):
+    from .slide.grid import TileSettings
+
+    scale = args.scale
+    if args.target_pixel_size is not None:
+        px = args.pixel_size or (source.pixel_size_um[1] if source.pixel_size_um else None)
+        if px is None:
+            raise ValueError(f"{source.name}: --target-pixel-size given, but the file states no pixel size; "
+                             "give --pixel-size")
+        scale = TileSettings.scale_for_pixel_size(px, args.target_pixel_size)
+    return TileSettings(tile_size=args.tile_size or 1024, overlap=args.overlap, scale=scale)
+
+
+class _SlideRunner:
+    """Segments slides one after another, in this process or on a Dask cluster."""
+
+    def __init__(self, args, spec):
+        import importlib.util
+
+        self.args, self.spec, self.client, self.cluster, self.engine = args, spec, None, None, None
+        need = ["zarr"] + (["distributed"] if args.dask or args.dask_local else [])
+        missing = [m for m in need if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(f"cellsam-trt: tiled mode needs {', '.join(missing)}: pip install 'cellsam-trt[slide]'")
+        if args.dask or args.dask_local:
+            from distributed import Client
+
+            from .slide.distributed import PLUGIN, local_cluster, make_engine_plugin
+
+            if args.dask:
+                self.client = Client(args.dask)
+            else:
+                self.cluster = local_cluster(args.dask_local, threads_per_worker=max(1, args.threads or 1))
+                self.client = Client(self.cluster)
+            self.client.register_plugin(make_engine_plugin(spec), name=PLUGIN)
+            print(f"dask: {self.client.scheduler_info().get('address', args.dask)} with "
+                  f"{len(self.client.scheduler_info().get('workers', {}))} workers", file=sys.stderr)
+        else:
+            self.engine, _ = _build_engine(spec)
+
+    def segment(self, f: Path, dest: Path, boxes, points, bar) -> dict:
+        from .slide.io import open_slide
+        from .slide.run import ChannelMap, SlideOutput, segment_slide
+
+        args = self.args
+        source = open_slide(f, level=args.level)
+        try:
+            tiles = _tile_settings(args, source)
+            output = SlideOutput(dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels)
+            kw = dict(boxes=None if boxes is None else boxes, points=points[0] if points else None,
+                      point_labels=points[1] if points else None,
+                      channels=ChannelMap(args.nuclear_channel, args.wholecell_channel),
+                      fingerprint={"engine": repr(self.spec)},
+                      progress=lambda k, n: bar.set_postfix_str(f"{f.name}: tile {k}/{n}"))
+            if self.client is not None:
+                from .slide.distributed import segment_slide_dask
+
+                res = segment_slide_dask(self.client, source, self.spec, output, tiles, register_plugin=False, **kw)
+            else:
+                res = segment_slide(source, self.engine, output, tiles, **kw)
+        finally:
+            source.close()
+        for _, _, msg in res.failed:
+            bar.write(f"error: {msg}", file=sys.stderr)
+        for i, why in res.unrouted:
+            bar.write(f"warning: {f}: prompt {i} not segmented: {why}", file=sys.stderr)
+        entry = {"cells": res.cells, "shape": [source.height, source.width], "slide": res.summary()}
+        if res.failed:
+            raise _SlideIncomplete(f"{f}: {len(res.failed)} of {res.grid['tiles']} tiles failed (their regions are "
+                                   f"empty in {dest}; run again to redo them)", entry)
+        return entry
+
+    def close(self):
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+class _SlideIncomplete(RuntimeError):
+    def __init__(self, msg, entry):
+        super().__init__(msg)
+        self.entry = entry
+
+
+def _needs_run(paths: dict[str, Path], args) -> bool:
+    """Outputs missing, --overwrite, or a slide whose work folder says it is unfinished."""
+    from .slide.run import work_dir_for
+
+    if args.overwrite or not all(p.exists() for p in paths.values()):
+        return True
+    return _tiled(args) and work_dir_for(paths["labels"]).exists()
+
+
 def cmd_run(args) -> int:
     from tqdm import tqdm
 
-    files = _expand_inputs(args.inputs)
+    files = _expand_inputs(args.inputs, slides=_tiled(args))
     if not files:
         print("cellsam-trt: no input images found", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     boxes = cio.read_boxes(args.boxes) if args.boxes else None
-    pipe, model_info = _build_pipeline(args)
+    points = cio.read_points(args.points) if args.points else None
+    spec = engine_spec(args)
+    if _tiled(args):
+        runner = _SlideRunner(args, spec)
+        model_info = {"engine": repr(spec), "tiled": True}
+    else:
+        engine, model_info = _build_engine(spec)
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         **model_info, "versions": _versions(), "files": [],
@@ -152,24 +236,32 @@ def cmd_run(args) -> int:
     failed = done = 0
     t_start = time.perf_counter()
     bar = tqdm(files, unit="img", file=sys.stderr, disable=args.quiet)
-    for f in bar:
-        paths = _outputs_for(f, out, args)
-        entry = {"input": str(f), "outputs": {k: str(v) for k, v in paths.items()}}
-        if all(p.exists() for p in paths.values()) and not args.overwrite:
-            entry["status"] = "skipped: outputs exist"
-        else:
-            t0 = time.perf_counter()
-            try:
-                entry.update(_segment_file(pipe, f, paths, boxes, args))
-                entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3))
-                done += 1
-            except Exception as e:  # one bad file must not stop the job
-                failed += 1
-                msg = str(e) if str(f) in str(e) else f"{f}: {e}"
-                entry.update(status="error", error=msg)
-                bar.write(f"error: {msg}", file=sys.stderr)
-        summary["files"].append(entry)
-        bar.set_postfix_str(f"{done / max(time.perf_counter() - t_start, 1e-9):.2f} images/s")
+    try:
+        for f in bar:
+            paths = _slide_outputs(f, out, args) if _tiled(args) else _outputs_for(f, out, args)
+            entry = {"input": str(f), "outputs": {k: str(v) for k, v in paths.items()}}
+            if not _needs_run(paths, args):
+                entry["status"] = "skipped: outputs exist"
+            else:
+                t0 = time.perf_counter()
+                try:
+                    if _tiled(args):
+                        entry.update(runner.segment(f, paths["labels"], boxes, points, bar))
+                    else:
+                        entry.update(_segment_file(engine.pipeline, f, paths, boxes, points, args))
+                    entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3))
+                    done += 1
+                except Exception as e:  # one bad file must not stop the job
+                    failed += 1
+                    msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+                    entry.update(getattr(e, "entry", {}))
+                    entry.update(status="error", error=msg, seconds=round(time.perf_counter() - t0, 3))
+                    bar.write(f"error: {msg}", file=sys.stderr)
+            summary["files"].append(entry)
+            bar.set_postfix_str(f"{done / max(time.perf_counter() - t_start, 1e-9):.2f} images/s")
+    finally:
+        if _tiled(args):
+            runner.close()
     summary["failed"] = failed
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     cio.write_json(summary, out / "run_summary.json")
@@ -203,12 +295,10 @@ def cmd_demo(args) -> int:
     (out / "cells_boxes.json").write_text(json.dumps({"boxes": boxes.tolist()}))
     print(f"demo: synthetic image and boxes in {inputs}; synthetic checkpoint seed {args.synthetic_seed}",
           file=sys.stderr)
-    run_args = argparse.Namespace(
-        inputs=[str(inputs)], out=str(out / "labels"), model=None, checkpoint=None, synthetic_seed=args.synthetic_seed,
-        boxes=str(out / "cells_boxes.json"), backend="auto", device="cpu", format="tif", overwrite=True,
-        bbox_threshold=0.4, iou_threshold=0.5, channel_axis=None, threads=args.threads, table="csv", geojson=True,
-        nuclear_channel=None, wholecell_channel=None, quiet=False,
-    )
+    run_args = build_parser().parse_args([
+        "run", str(inputs), "--out", str(out / "labels"), "--synthetic-seed", str(args.synthetic_seed),
+        "--boxes", str(out / "cells_boxes.json"), "--overwrite", "--table", "csv", "--geojson",
+        "--threads", str(args.threads)])
     rc = cmd_run(run_args)
     print(f"demo: label images and run_summary.json are in {out / 'labels'} "
           "(a synthetic checkpoint makes arithmetically exact but biologically meaningless masks)", file=sys.stderr)
@@ -265,7 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wholecell-channel", type=int, default=None, help="index of the whole-cell channel")
     run.add_argument("--table", choices=("csv", "parquet"), help="also write a per-cell table")
     run.add_argument("--geojson", action="store_true", help="also write QuPath-compatible GeoJSON polygons")
+    run.add_argument("--points", help='JSON {"points": [[[x, y], ...], ...], "point_labels": [[1, ...], ...]}: '
+                     "one prompt of P points per row, original (slide) pixels; labels 1 cell, 0 background")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    slide = run.add_argument_group("large images and slides (tiled mode: any of --tile-size, --dask, --dask-local)")
+    slide.add_argument("--tile-size", type=int, default=0,
+                       help="segment in overlapping tiles of this many model-frame pixels (1024: native resolution)")
+    slide.add_argument("--overlap", type=int, default=128,
+                       help="tile overlap in model-frame pixels; cells up to this diameter stay whole (128)")
+    slide.add_argument("--scale", type=float, default=1.0,
+                       help="model-frame pixels per slide pixel (> 1 enlarges small cells)")
+    slide.add_argument("--pixel-size", type=float, default=None, help="slide pixel size in um (default: from the file)")
+    slide.add_argument("--target-pixel-size", type=float, default=None,
+                       help="resample to this pixel size in um (sets --scale from the pixel size)")
+    slide.add_argument("--level", type=int, default=0, help="pyramid level to segment (0 = full resolution)")
+    slide.add_argument("--slide-format", choices=("ome-zarr", "bigtiff"), default="ome-zarr",
+                       help="label store: <stem>_labels.ome.zarr (OME-NGFF) or <stem>_labels.ome.tif (tiled BigTIFF)")
+    slide.add_argument("--chunk", type=int, default=1024, help="output chunk / TIFF tile side in pixels (1024)")
+    slide.add_argument("--levels", type=int, default=1, help="pyramid levels of an OME-Zarr label store (1)")
+    slide.add_argument("--dask", metavar="ADDRESS", help="run the tiles on this Dask scheduler (shared filesystem)")
+    slide.add_argument("--dask-local", metavar="N", type=int, default=0,
+                       help="run the tiles on a local Dask cluster of N worker processes")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthetic cells + synthetic checkpoint, end to end on the CPU")

@@ -65,6 +65,25 @@ def read_boxes(path: str | os.PathLike) -> np.ndarray:
     return boxes
 
 
+def read_points(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """``{"points": [[[x, y], ...], ...], "point_labels": [[1, ...], ...]}`` -> ((N, P, 2) float32,
+    (N, P) int64); labels default to 1 (cell); 0 = background, -1 = padding."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        pts = np.asarray(data["points"], dtype=np.float32)
+        if pts.ndim == 2:
+            pts = pts[None]
+        labels = np.asarray(data.get("point_labels", np.ones(pts.shape[:2])), dtype=np.int64)
+    except Exception as e:
+        raise InputError(f"{path}: not a point file ({{\"points\": [[[x, y], ...], ...]}}): {e}") from e
+    if pts.ndim != 3 or pts.shape[-1] != 2:
+        raise InputError(f"{path}: points must be [[[x, y], ...], ...] (one list of points per prompt), got shape {pts.shape}")
+    if labels.shape != pts.shape[:2]:
+        raise InputError(f"{path}: point_labels shape {labels.shape} does not match the points {pts.shape[:2]}")
+    return pts, labels
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike):
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success."""

@@ -110,3 +110,71 @@ def match_instances(reference: np.ndarray, test: np.ndarray, threshold: float = 
         precision_50=n50 / t, pixel_agreement=pixel, matched_ious=ious,
         pairs=np.stack([la[rows], lb[cols]], axis=1).astype(np.int64),
     )
+
+
+class StreamedInstanceMatch:
+    """Instance agreement of two label maps too large for memory, accumulated region by region.
+
+    ``add(reference_block, test_block)`` for every block of a partition of the slide, then
+    ``result(reference_ids)`` for any subset of reference instances (e.g. cells on tile borders
+    vs interior cells). Each reference instance is matched to the test instance of highest IoU
+    not taken by a better pair (greedy one-to-one by descending IoU; at IoU > 0.5 a match is
+    unique, so this equals the Hungarian matching there). ``split``: reference instances whose
+    pixels fall on two or more test labels holding >= 5 % of the instance each (a cell cut by a
+    tile border and labelled twice shows here).
+    """
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._ref: list[tuple[np.ndarray, np.ndarray]] = []
+        self._test: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, reference: np.ndarray, test: np.ndarray) -> None:
+        a = np.asarray(reference, np.int64).ravel()
+        b = np.asarray(test, np.int64).ravel()
+        if a.shape != b.shape:
+            raise ValueError(f"blocks differ in shape: {np.shape(reference)} vs {np.shape(test)}")
+        for lab, acc in ((a, self._ref), (b, self._test)):
+            ids, n = np.unique(lab[lab > 0], return_counts=True)
+            acc.append((ids, n))
+        both = (a > 0) & (b > 0)
+        key = (a[both] << 32) | b[both]
+        ids, n = np.unique(key, return_counts=True)
+        self._pairs.append((ids, n))
+
+    @staticmethod
+    def _sum(parts) -> tuple[np.ndarray, np.ndarray]:
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ids = np.concatenate([p[0] for p in parts])
+        n = np.concatenate([p[1] for p in parts])
+        u, inv = np.unique(ids, return_inverse=True)
+        return u, np.bincount(inv, weights=n, minlength=len(u)).astype(np.int64)
+
+    def result(self, reference_ids=None, threshold: float = 0.5) -> dict:
+        rid, rarea = self._sum(self._ref)
+        tid, tarea = self._sum(self._test)
+        key, inter = self._sum(self._pairs)
+        ra = rarea[np.searchsorted(rid, key >> 32)] if len(key) else np.zeros(0, np.int64)
+        ta = tarea[np.searchsorted(tid, key & 0xFFFFFFFF)] if len(key) else np.zeros(0, np.int64)
+        iou = inter / np.maximum(ra + ta - inter, 1)
+        order = np.lexsort((key, -iou))
+        best: dict[int, float] = {}
+        used: set[int] = set()
+        for k in order:
+            r, t = int(key[k] >> 32), int(key[k] & 0xFFFFFFFF)
+            if r in best or t in used:
+                continue
+            best[r] = float(iou[k])
+            used.add(t)
+        share = inter / np.maximum(ra, 1)
+        big = share >= 0.05
+        pieces = np.bincount(np.searchsorted(rid, key[big] >> 32), minlength=len(rid)) if len(rid) else np.zeros(0)
+        ids = rid if reference_ids is None else np.intersect1d(np.asarray(reference_ids, np.int64), rid)
+        missing = 0 if reference_ids is None else len(np.setdiff1d(np.asarray(reference_ids, np.int64), rid))
+        vals = np.array([best.get(int(i), 0.0) for i in ids])
+        n = len(ids) + missing  # reference ids absent from every block count as unmatched
+        split = int((pieces[np.searchsorted(rid, ids)] >= 2).sum()) if len(ids) else 0
+        return {"n_reference": int(n), "mean_iou": float(vals.sum() / n) if n else 1.0,
+                "frac_matched_50": float((vals >= threshold).sum() / n) if n else 1.0,
+                "split": split, "n_test_total": int(len(tid))}

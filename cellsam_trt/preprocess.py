@@ -165,3 +165,24 @@ def cellfinder_input(squashed_chw: np.ndarray, adv_mode: bool) -> np.ndarray:
         if x[2].max() == 0:
             x[2] = x[1]
     return x[None].astype(np.float32)
+
+
+def select_channels(image: np.ndarray, channel_axis: int | None, nuclear: int | None, wholecell: int | None):
+    """Pick the nuclear and whole-cell channels: -> (H, W, 2) [nuclear, whole-cell], (H, W, 1) or
+    the image unchanged when no channel is named (the pipeline then applies the official rule)."""
+    if nuclear is None and wholecell is None:
+        return image, channel_axis
+    if image.ndim == 2:
+        raise ValueError(f"--nuclear-channel/--wholecell-channel given, but the image is 2-D {image.shape}")
+    axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis % image.ndim
+    planes = np.moveaxis(image, axis, -1)
+    for name, idx in (("nuclear", nuclear), ("whole-cell", wholecell)):
+        if idx is not None and not 0 <= idx < planes.shape[-1]:
+            raise ValueError(f"{name} channel {idx} does not exist (image has {planes.shape[-1]} channels)")
+    if wholecell is None:  # nuclear only: (blank, nuclear, blank)
+        out = np.zeros(planes.shape[:2] + (2,), planes.dtype)
+        out[..., 0] = planes[..., nuclear]
+        return out, -1
+    if nuclear is None:
+        return planes[..., wholecell], None
+    return np.stack([planes[..., nuclear], planes[..., wholecell]], -1), -1

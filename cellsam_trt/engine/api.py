@@ -203,6 +203,54 @@ class CellSAMEngine:
             run_pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """A picklable recipe for an engine, so that each process (a Dask worker) loads its own.
+
+    model_dir: an export directory (``cellsam-trt export``); backend "ort" (default for an
+    export) or "torch". Without model_dir: the PyTorch reference on ``checkpoint``, or on the
+    synthetic checkpoint of ``synthetic_seed``. threads: CPU threads (0 = library default);
+    device: "cpu", "cuda" or "cuda:N" (torch backend).
+    """
+
+    model_dir: str | None = None
+    backend: str = "auto"
+    checkpoint: str | None = None
+    synthetic_seed: int = 0
+    settings: SegmentSettings = SegmentSettings()
+    precision: str = "fp32"
+    threads: int = 0
+    device: str = "cpu"
+
+    def build(self) -> tuple["CellSAMEngine", dict]:
+        """-> (engine, description for run summaries: model, backend, adv_mode)."""
+        if self.model_dir is not None:
+            backend = "ort" if self.backend == "auto" else self.backend
+            engine = CellSAMEngine.load(self.model_dir, backend=backend, settings=self.settings, precision=self.precision,
+                                        threads=self.threads, device=self.device, checkpoint=self.checkpoint)
+            return engine, {"model": str(self.model_dir), "backend": backend, "adv_mode": engine.backend.adv_mode}
+        if self.backend not in ("auto", "torch"):
+            raise ValueError(f"backend {self.backend!r} needs an export directory (made by cellsam-trt export)")
+        import torch
+
+        from ..model.checkpoint import load_checkpoint
+        from ..model.synthetic import synthetic_checkpoint
+        from .torch_backend import TorchBackend
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        path = self.checkpoint if self.checkpoint else synthetic_checkpoint(self.synthetic_seed)
+        ck = load_checkpoint(path)
+        engine = CellSAMEngine(TorchBackend(ck.model, device=self.device), self.settings)
+        return engine, {"checkpoint": str(ck.path), "backend": "torch", "adv_mode": ck.adv_mode,
+                        "mode": ck.mode_description}
+
+    def with_device(self, device: str) -> "EngineSpec":
+        from dataclasses import replace
+
+        return replace(self, device=device)
+
+
 def _read(source) -> np.ndarray:
     if isinstance(source, (str, os.PathLike)):
         from .. import io as cio
