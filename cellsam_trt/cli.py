@@ -1,7 +1,8 @@
 """``cellsam-trt``: the command line (the only place that parses argv).
 
-Commands: ``run`` (segment files and folders), ``demo`` (a self-contained run on synthetic
-cells), ``info`` (installed backends and versions).
+Commands: ``run`` (segment files, folders and slides), ``demo`` (a self-contained run on
+synthetic cells), ``bench`` (time the engine), ``export`` / ``build`` (ONNX graphs, TensorRT
+engines), ``info`` (installed backends and versions).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import platform
 import sys
 import time
@@ -305,6 +307,54 @@ def cmd_demo(args) -> int:
     return rc
 
 
+def cmd_bench(args) -> int:
+    """Per-image seconds, one image at a time and pipelined (``segment_many``), on synthetic cells."""
+    from .engine.api import Prompts
+
+    engine, model_info = _build_engine(engine_spec(args))
+    h, w = args.size
+    data = [synthetic_cells(1000 + i, h, w, args.cells) for i in range(args.images)]
+    prompts = [None if args.automatic else Prompts(boxes=b) for _, b in data]
+    p0 = prompts[0]
+    engine.segment(data[0][0], boxes=None if p0 is None else p0.boxes)  # warm-up
+    per_image, cells = [], []
+    for (img, _), p in zip(data, prompts):
+        t0 = time.perf_counter()
+        res = engine.segment(img, boxes=None if p is None else p.boxes)
+        per_image.append(time.perf_counter() - t0)
+        cells.append(res.n_cells)
+    t0 = time.perf_counter()
+    results = list(engine.segment_many([img for img, _ in data], prompts))
+    many = time.perf_counter() - t0
+    failed = [str(r.error) for r in results if not r.ok]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(), "versions": _versions(), **model_info,
+        "settings": {"images": args.images, "size": [h, w], "prompts": "automatic" if args.automatic else "boxes",
+                     "cells_per_image": args.cells, "threads": args.threads},
+        "seconds_per_image": per_image, "cells": cells,
+        "images_per_s_sequential": len(per_image) / sum(per_image),
+        "images_per_s_segment_many": len(data) / many, "failed": failed,
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        cio.write_json(report, args.out)
+        print(f"bench: {report['images_per_s_sequential']:.3f} images/s one at a time, "
+              f"{report['images_per_s_segment_many']:.3f} pipelined; {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 1 if failed else 0
+
+
+def _machine() -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version(), "numpy": np.__version__}
     for mod in ("torch", "onnxruntime", "onnx", "tensorrt"):
@@ -325,6 +375,12 @@ def cmd_info(args) -> int:
         info["cuda_devices"] = []
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _add_threshold_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder score threshold (official 0.4)")
+    p.add_argument("--iou-threshold", type=float, default=0.5, help="drop masks with lower predicted IoU (0.5)")
+    p.add_argument("--channel-axis", type=int, default=None, help="channel axis of 3-D images (default: smallest)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -348,9 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--boxes", help='JSON {"boxes": [[x1, y1, x2, y2], ...]} in original pixels (x = column)')
     run.add_argument("--format", choices=FORMATS, default="tif")
     run.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
-    run.add_argument("--bbox-threshold", type=float, default=0.4, help="CellFinder score threshold (official 0.4)")
-    run.add_argument("--iou-threshold", type=float, default=0.5, help="drop masks with lower predicted IoU (0.5)")
-    run.add_argument("--channel-axis", type=int, default=None, help="channel axis of 3-D images (default: smallest)")
+    _add_threshold_options(run)
     run.add_argument("--nuclear-channel", type=int, default=None, help="index of the nuclear channel")
     run.add_argument("--wholecell-channel", type=int, default=None, help="index of the whole-cell channel")
     run.add_argument("--table", choices=("csv", "parquet"), help="also write a per-cell table")
@@ -386,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .export.trt_cli import add_build_parser  # TensorRT engines (imports nothing heavy)
     add_build_parser(sub)
+    bench = sub.add_parser("bench", help="time the engine on synthetic cell images (JSON with machine info)")
+    _add_model_options(bench)
+    bench.add_argument("--model", type=Path, help="export directory (cellsam-trt export): ONNX Runtime by default")
+    _add_threshold_options(bench)
+    bench.add_argument("--images", type=int, default=4, help="synthetic images to time (4)")
+    bench.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="image size (512 512)")
+    bench.add_argument("--cells", type=int, default=60, help="cells (box prompts) per image (60)")
+    bench.add_argument("--automatic", action="store_true", help="automatic mode (CellFinder) instead of box prompts")
+    bench.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
+    bench.set_defaults(func=cmd_bench)
+
     info = sub.add_parser("info", help="installed backends, versions and GPUs")
     info.set_defaults(func=cmd_info)
     from .export.cli import add_export_parser

@@ -196,3 +196,35 @@ def test_backend_needs_an_export(tmp_path):
     np.save(tmp_path / "x.npy", np.ones((20, 20), np.uint8))
     with pytest.raises(SystemExit, match="export directory"):
         cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "ort", "--quiet"])
+
+
+def test_point_prompts_from_a_file(tiny_export, tmp_path):
+    """--points: one prompt per row; the labels equal the engine's on the same points."""
+    from cellsam_trt.engine.api import CellSAMEngine
+    from cellsam_trt.pipeline import SegmentSettings
+
+    img, boxes = cli.synthetic_cells(3, 160, 176, 6)
+    tifffile.imwrite(tmp_path / "p.tif", img)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    points = [[[float(x), float(y)]] for x, y in centres]
+    (tmp_path / "points.json").write_text(json.dumps({"points": points, "point_labels": [[1]] * len(points)}))
+    assert run(tmp_path / "p.tif", "--out", tmp_path / "o", "--model", tiny_export, "--points",
+               tmp_path / "points.json", "--format", "npy") == 0
+    got = np.load(tmp_path / "o" / "p_labels.npy")
+    engine = CellSAMEngine.load(tiny_export, settings=SegmentSettings(iou_threshold=-100))
+    want = engine.segment(img, points=np.array(points, np.float32), point_labels=np.ones((len(points), 1)))
+    assert want.labels.max() > 0
+    np.testing.assert_array_equal(got, want.labels)
+    (tmp_path / "bad.json").write_text(json.dumps({"points": [[1, 2, 3]]}))
+    with pytest.raises(cio.InputError, match="bad.json: points must be"):
+        cio.read_points(tmp_path / "bad.json")
+
+
+def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", str(tiny_export), "--images", "2", "--size", "128", "160", "--cells", "5",
+                     "--iou-threshold=-100", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["seconds_per_image"]) == 2 and all(t > 0 for t in r["seconds_per_image"])
+    assert r["images_per_s_sequential"] > 0 and r["images_per_s_segment_many"] > 0 and r["failed"] == []
+    assert r["backend"] == "ort" and r["machine"]["cpu_count"] >= 1 and min(r["cells"]) > 0

@@ -107,10 +107,9 @@ def segment_tile_batch(engine, source: SlideSource, store: TileStore, indices, r
     -> (indices stored, [(index, error message)]). In prompted mode a tile without prompts is
     stored empty without calling the engine. A failing tile is reported, the others go on.
     """
-    done = store.done()
     todo, stored = [], []
     for i in indices:
-        if i in done:
+        if store.is_done(i):
             continue
         if routed is not None and i not in routed.per_tile:
             store.mark_empty(i, {"prompts": 0})
@@ -205,20 +204,21 @@ def segment_slide(
     """
     grid, routed, store, channels = prepare_slide(source, output, tiles, boxes, points, point_labels, channels,
                                                   fingerprint)
-    resumed = len(store.done())
+    finished = store.done()
+    resumed = len(finished)
     seconds = {}
     t0 = time.perf_counter()
     failed: dict[int, str] = {}
-    todo = [i for i in range(len(grid)) if i not in store.done()]
+    todo = [i for i in range(len(grid)) if i not in finished]
     segmented = 0
-    for attempt in range(retries + 1):
+    for _ in range(retries + 1):
         failed = {}
         for k in range(0, len(todo), batch):
             stored, errors = segment_tile_batch(engine, source, store, todo[k:k + batch], routed, channels, max_in_flight)
             segmented += len(stored)
             failed.update(errors)
             if progress is not None:
-                progress(len(store.done()), len(grid))
+                progress(resumed + segmented, len(grid))
         todo = sorted(failed)
         if not todo:
             break

@@ -1,7 +1,7 @@
 """Stitching: per-tile label maps -> one slide label map with global, deterministic labels.
 
-1. ``TileStore``: each tile's local label map (int32, labels 1..n) in a Zarr array with one
-   chunk per tile, plus a small marker file per finished tile (written after its chunk), so
+1. ``TileStore``: each tile's local label map (int32, labels 1..n) in a Zarr array (one row
+   per tile, 256 x 256 chunks), plus a small marker file per finished tile (written after its chunk), so
    an interrupted job resumes at the first unfinished tile and Dask workers write tiles
    independently.
 2. ``link_tiles``: in the overlap of every pair of neighbouring tiles, labels are matched one
@@ -62,8 +62,9 @@ class TileStore:
         if self.root.exists():
             shutil.rmtree(self.root)
         (self.root / "done").mkdir(parents=True)
+        # sub-tile chunks: linking reads only the overlap strips, rendering only the cores
         zarr.create_array(str(self.root / "tiles.zarr"), shape=(len(self.grid), self.grid.th, self.grid.tw),
-                          chunks=(1, self.grid.th, self.grid.tw), dtype="int32", fill_value=0)
+                          chunks=(1, min(256, self.grid.th), min(256, self.grid.tw)), dtype="int32", fill_value=0)
         _atomic_text(meta, json.dumps({"key": self.key, "fingerprint": self.fingerprint}, indent=1, default=str))
         return self
 
@@ -100,6 +101,9 @@ class TileStore:
     def mark_empty(self, index: int, info: dict | None = None) -> None:
         """A tile with nothing to segment (no prompts routed to it): no labels."""
         _atomic_text(self.root / "done" / f"{index}.json", json.dumps({"n": 0, **(info or {})}))
+
+    def is_done(self, index: int) -> bool:
+        return (self.root / "done" / f"{index}.json").is_file()
 
     def done(self) -> dict[int, dict]:
         """Finished tiles: index -> marker ({"n": label count, ...})."""
