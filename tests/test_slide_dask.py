@@ -65,6 +65,12 @@ def test_dask_local_cluster_gives_the_single_process_labels(tiny_export, slide, 
     summary = json.loads((tmp_path / "dask" / "run_summary.json").read_text())
     entry = summary["files"][0]
     assert entry["status"] == "ok" and entry["slide"]["grid"]["tiles"] == 4 and entry["cells"] == one.max()
+    # an existing scheduler (--dask ADDRESS) gives the same labels
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        assert run(slide, "--out", tmp_path / "addr", *common, "--dask", cluster.scheduler_address) == 0
+    np.testing.assert_array_equal(read_labels(tmp_path / "addr" / "s.ome_labels.ome.zarr"), one)
     # a second run skips the finished slide
     assert run(slide, "--out", tmp_path / "one", *common) == 0
     assert json.loads((tmp_path / "one" / "run_summary.json").read_text())["files"][0]["status"].startswith("skipped")
@@ -93,6 +99,27 @@ def test_dask_reports_a_bad_tile_and_keeps_the_rest(tiny_export, tmp_path, capsy
     labels = read_labels(tmp_path / "out" / "bad_labels.ome.zarr")
     assert labels.any()
     np.testing.assert_array_equal(labels, read_labels(tmp_path / "one" / "bad_labels.ome.zarr"))
+
+
+def test_scale_from_pixel_sizes(slide):
+    """--target-pixel-size resamples by the file's pixel size (0.5 um here): tiles of 2x the pixels."""
+    args = cli.build_parser().parse_args(["run", str(slide), "--out", "x", "--tile-size", "512",
+                                          "--target-pixel-size", "1.0"])
+    src = open_slide(slide)
+    t = cli._tile_settings(args, src)
+    assert t.scale == 0.5 and t.tile_size == 512
+    from cellsam_trt.slide.grid import TileGrid
+
+    assert TileGrid(src.height, src.width, t).tile == 1024
+    args = cli.build_parser().parse_args(["run", "a.npy", "--out", "x", "--tile-size", "512", "--target-pixel-size", "1"])
+    with pytest.raises(ValueError, match="states no pixel size"):
+        cli._tile_settings(args, _no_pixel_size())
+
+
+def _no_pixel_size():
+    from cellsam_trt.slide.io import SlideSource
+
+    return SlideSource(array=np.zeros((64, 64), np.uint8))
 
 
 class FlakyThreshold:
