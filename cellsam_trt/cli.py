@@ -14,7 +14,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +53,12 @@ def engine_spec(args):
     settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
                                channel_axis=args.channel_axis)
     model_dir = getattr(args, "model", None)
-    if model_dir is not None and args.backend not in ("auto", "ort", "torch"):
-        raise SystemExit(f"cellsam-trt: backend {args.backend!r} is not available for run in this version; "
-                         "use ort or torch")
-    if model_dir is None and args.backend not in ("auto", "torch"):
-        raise SystemExit(f"cellsam-trt: backend {args.backend!r} needs an export directory (--model DIR, "
-                         "made by cellsam-trt export)")
+    if model_dir is None and args.backend == "trt":
+        raise SystemExit("cellsam-trt: backend 'trt' needs an engine directory (--model DIR, made by cellsam-trt build)")
     return EngineSpec(model_dir=None if model_dir is None else str(model_dir), backend=args.backend,
                       checkpoint=None if args.checkpoint is None else str(args.checkpoint),
-                      synthetic_seed=args.synthetic_seed, settings=settings, threads=args.threads, device=args.device)
+                      synthetic_seed=args.synthetic_seed, settings=settings, threads=args.threads, device=args.device,
+                      export_cache=None if args.export_cache is None else str(args.export_cache))
 
 
 def _build_engine(spec):
@@ -71,12 +67,16 @@ def _build_engine(spec):
 
     if spec.model_dir is None and importlib.util.find_spec("torch") is None:
         raise SystemExit("cellsam-trt: the torch backend needs PyTorch (pip install torch, then '.[export]')")
+    from .engine.trt_backend import TrtUnavailable
+
+    if spec.model_dir is None and spec.backend == "ort":
+        print("model: exporting the checkpoint for ONNX Runtime (once; cached)", file=sys.stderr)
     try:
         engine, info = spec.build()
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, TrtUnavailable) as e:
         raise SystemExit(f"cellsam-trt: cannot load the model {spec.model_dir or spec.checkpoint or ''}: {e}")
-    if spec.model_dir is not None:
-        print(f"model: {spec.model_dir} ({info['backend']}, adv mode {info['adv_mode']})", file=sys.stderr)
+    if "model" in info:
+        print(f"model: {info['model']} ({info['backend']}, adv mode {info['adv_mode']})", file=sys.stderr)
     else:
         print(f"model: {info['checkpoint']} ({info.pop('mode')})", file=sys.stderr)
     return engine, info
@@ -91,24 +91,64 @@ def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
     return paths
 
 
-def _segment_file(pipe, f: Path, paths: dict[str, Path], boxes, points, args) -> dict:
-    from . import outputs
-    from .pipeline import CellSAMPipeline
-
+def _load_for_run(f: Path, args) -> np.ndarray:
+    """Read one input and pick its nuclear / whole-cell channels (runs in a reader thread)."""
     image = cio.read_image(f)
-    image, axis = select_channels(image, args.channel_axis, args.nuclear_channel, args.wholecell_channel)
-    if axis != pipe.settings.channel_axis:
-        pipe = CellSAMPipeline(pipe.backend, replace(pipe.settings, channel_axis=axis))
-    res = pipe.segment(image, boxes=boxes, points=None if points is None else points[0],
-                       point_labels=None if points is None else points[1])
+    image, _ = select_channels(image, args.channel_axis, args.nuclear_channel, args.wholecell_channel)
+    return image
+
+
+def _write_outputs(res, paths: dict[str, Path], args, min_size: int) -> dict:
+    from . import outputs
+
     cio.write_labels(res.labels, paths["labels"], args.format)
     if "table" in paths or "geojson" in paths:
-        table = outputs.cell_table(res, pipe.settings.min_size)
+        table = outputs.cell_table(res, min_size)
         if "table" in paths:
             outputs.write_table(table, paths["table"])
         if "geojson" in paths:
             outputs.write_geojson(res.labels, paths["geojson"], table)
     return {"cells": res.n_cells, "shape": list(res.labels.shape)}
+
+
+def _run_images(engine, jobs, boxes, points, args, bar):
+    """Segment ``jobs`` [(file, output paths, summary entry)] with ``segment_many`` (reading and
+    preprocessing ahead, ``--batch-size`` images in flight); yields each finished entry."""
+    from functools import partial
+
+    from .engine.api import Prompts
+
+    prompt = None if boxes is None and points is None else Prompts(
+        boxes, None if points is None else points[0], None if points is None else points[1])
+    results = engine.segment_many((partial(_load_for_run, f, args) for f, _, _ in jobs),
+                                  (prompt for _ in jobs), preprocess_workers=max(1, args.workers),
+                                  max_in_flight=max(1, args.batch_size))
+    for (f, paths, entry), item in zip(jobs, results):
+        try:
+            if item.error is not None:
+                raise item.error
+            entry.update(_write_outputs(item.segmentation, paths, args, engine.pipeline.settings.min_size))
+            entry.update(status="ok", seconds=round(item.seconds, 3))
+        except Exception as e:  # one bad file must not stop the job
+            msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+            entry.update(status="error", error=msg, seconds=round(item.seconds, 3))
+            bar.write(f"error: {msg}", file=sys.stderr)
+        yield entry
+
+
+def _run_slides(runner, jobs, boxes, points, bar):
+    for f, paths, entry in jobs:
+        t0 = time.perf_counter()
+        try:
+            entry.update(runner.segment(f, paths["labels"], boxes, points, bar))
+            entry.update(status="ok")
+        except Exception as e:  # one bad slide must not stop the job
+            msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+            entry.update(getattr(e, "entry", {}))
+            entry.update(status="error", error=msg)
+            bar.write(f"error: {msg}", file=sys.stderr)
+        entry["seconds"] = round(time.perf_counter() - t0, 3)
+        yield entry
 
 
 def _slide_outputs(f: Path, out: Path, args) -> dict[str, Path]:
@@ -235,33 +275,31 @@ def cmd_run(args) -> int:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         **model_info, "versions": _versions(), "files": [],
     }
-    failed = done = 0
     t_start = time.perf_counter()
-    bar = tqdm(files, unit="img", file=sys.stderr, disable=args.quiet)
+    entries, jobs = [], []
+    for f in files:
+        paths = _slide_outputs(f, out, args) if _tiled(args) else _outputs_for(f, out, args)
+        entry = {"input": str(f), "outputs": {k: str(v) for k, v in paths.items()}}
+        entries.append(entry)
+        if _needs_run(paths, args):
+            jobs.append((f, paths, entry))
+        else:
+            entry["status"] = "skipped: outputs exist"
+    summary["files"] = entries
+    failed = done = 0
+    bar = tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=args.quiet)
     try:
-        for f in bar:
-            paths = _slide_outputs(f, out, args) if _tiled(args) else _outputs_for(f, out, args)
-            entry = {"input": str(f), "outputs": {k: str(v) for k, v in paths.items()}}
-            if not _needs_run(paths, args):
-                entry["status"] = "skipped: outputs exist"
+        finished = (_run_slides(runner, jobs, boxes, points, bar) if _tiled(args)
+                    else _run_images(engine, jobs, boxes, points, args, bar))
+        for entry in finished:
+            if entry["status"] == "ok":
+                done += 1
             else:
-                t0 = time.perf_counter()
-                try:
-                    if _tiled(args):
-                        entry.update(runner.segment(f, paths["labels"], boxes, points, bar))
-                    else:
-                        entry.update(_segment_file(engine.pipeline, f, paths, boxes, points, args))
-                    entry.update(status="ok", seconds=round(time.perf_counter() - t0, 3))
-                    done += 1
-                except Exception as e:  # one bad file must not stop the job
-                    failed += 1
-                    msg = str(e) if str(f) in str(e) else f"{f}: {e}"
-                    entry.update(getattr(e, "entry", {}))
-                    entry.update(status="error", error=msg, seconds=round(time.perf_counter() - t0, 3))
-                    bar.write(f"error: {msg}", file=sys.stderr)
-            summary["files"].append(entry)
+                failed += 1
+            bar.update(1)
             bar.set_postfix_str(f"{done / max(time.perf_counter() - t_start, 1e-9):.2f} images/s")
     finally:
+        bar.close()
         if _tiled(args):
             runner.close()
     summary["failed"] = failed
@@ -389,6 +427,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-seed", type=int, default=0, help="use the synthetic checkpoint of this seed")
     p.add_argument("--backend", choices=("auto", "ort", "torch", "trt"), default="auto")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--export-cache", type=Path, default=None,
+                   help="where --backend ort keeps the export of a checkpoint (default ~/.cache/cellsam-trt/exports)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
 
 
@@ -411,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--geojson", action="store_true", help="also write QuPath-compatible GeoJSON polygons")
     run.add_argument("--points", help='JSON {"points": [[[x, y], ...], ...], "point_labels": [[1, ...], ...]}: '
                      "one prompt of P points per row, original (slide) pixels; labels 1 cell, 0 background")
+    run.add_argument("--batch-size", type=int, default=2,
+                     help="images in flight: read and preprocessed ahead, post-processed behind inference (2)")
+    run.add_argument("--workers", type=int, default=1, help="threads reading and preprocessing images (1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     slide = run.add_argument_group("large images and slides (tiled mode: any of --tile-size, --dask, --dask-local)")
     slide.add_argument("--tile-size", type=int, default=0,

@@ -192,10 +192,36 @@ def test_run_on_an_export_uses_onnx_runtime(tiny_checkpoint, tiny_export, images
     assert a.max() > 0 and (a == b).mean() >= 0.999
 
 
-def test_backend_needs_an_export(tmp_path):
+def test_trt_backend_needs_engines_and_tensorrt(tmp_path):
     np.save(tmp_path / "x.npy", np.ones((20, 20), np.uint8))
-    with pytest.raises(SystemExit, match="export directory"):
-        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "ort", "--quiet"])
+    with pytest.raises(SystemExit, match="engine directory"):
+        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "trt", "--quiet"])
+    pytest.importorskip("cellsam_trt.engine.trt_backend")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="TensorRT is not installed"):
+            cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "trt", "--model",
+                      str(tmp_path), "--quiet"])
+
+
+def test_ort_backend_exports_a_checkpoint_on_the_fly(tiny_checkpoint, images, tmp_path):
+    """--backend ort --checkpoint FILE: exported once into the cache, then ONNX Runtime; same
+    labels as the PyTorch reference on the checkpoint."""
+    d, boxes = images
+    cache = tmp_path / "exports"
+    common = ["--checkpoint", tiny_checkpoint, "--boxes", boxes, "--export-cache", cache]
+    assert run(d / "a.tif", "--out", tmp_path / "ort", "--backend", "ort", *common) == 0
+    [export] = list(cache.iterdir())
+    assert (export / "manifest.json").is_file() and (export / "image_encoder.onnx").is_file()
+    mtime = (export / "manifest.json").stat().st_mtime_ns
+    assert run(d / "b.npy", "--out", tmp_path / "ort", "--backend", "ort", *common) == 0
+    assert (export / "manifest.json").stat().st_mtime_ns == mtime  # reused, not exported again
+    summary = json.loads((tmp_path / "ort" / "run_summary.json").read_text())
+    assert summary["backend"] == "ort" and summary["model"] == str(export)
+    assert run(d / "a.tif", "--out", tmp_path / "torch", "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
+    a, b = tifffile.imread(tmp_path / "ort" / "a_labels.tif"), tifffile.imread(tmp_path / "torch" / "a_labels.tif")
+    assert a.max() > 0 and (a == b).mean() >= 0.999
 
 
 def test_point_prompts_from_a_file(tiny_export, tmp_path):

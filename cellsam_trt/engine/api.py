@@ -155,8 +155,8 @@ class CellSAMEngine:
         inference_workers: int = 2,
         max_in_flight: int = 4,
     ) -> Iterator[ItemResult]:
-        """Segment a stream of images (arrays, or paths read with ``cellsam_trt.io``), yielding
-        one ``ItemResult`` per image in input order.
+        """Segment a stream of images (arrays, paths read with ``cellsam_trt.io``, or zero-argument
+        callables returning an array), yielding one ``ItemResult`` per image in input order.
 
         Reading and preprocessing run in ``preprocess_workers`` threads; ``inference_workers``
         threads run the rest of each image with the backend calls serialized, so one image's
@@ -207,10 +207,12 @@ class CellSAMEngine:
 class EngineSpec:
     """A picklable recipe for an engine, so that each process (a Dask worker) loads its own.
 
-    model_dir: an export directory (``cellsam-trt export``); backend "ort" (default for an
-    export) or "torch". Without model_dir: the PyTorch reference on ``checkpoint``, or on the
-    synthetic checkpoint of ``synthetic_seed``. threads: CPU threads (0 = library default);
-    device: "cpu", "cuda" or "cuda:N" (torch backend).
+    model_dir: an export directory (``cellsam-trt export``; backend "auto" / "ort" / "torch") or
+    a TensorRT engine directory (backend "trt"). Without model_dir: ``checkpoint``, or the
+    synthetic checkpoint of ``synthetic_seed``, on the PyTorch reference (backend "auto" /
+    "torch") or exported on the fly for ONNX Runtime (backend "ort"; cached in
+    ``export_cache``, default ``~/.cache/cellsam-trt/exports``). threads: CPU threads (0 =
+    library default); device: "cpu", "cuda" or "cuda:N" (torch backend).
     """
 
     model_dir: str | None = None
@@ -221,16 +223,31 @@ class EngineSpec:
     precision: str = "fp32"
     threads: int = 0
     device: str = "cpu"
+    export_cache: str | None = None
 
     def build(self) -> tuple["CellSAMEngine", dict]:
-        """-> (engine, description for run summaries: model, backend, adv_mode)."""
-        if self.model_dir is not None:
+        """-> (engine, description for run summaries: model, backend, adv_mode).
+
+        backend "ort" without model_dir exports the checkpoint first (once: the export is
+        cached under ``export_cache`` by the checkpoint's sha256); "trt" needs model_dir = an
+        engine directory (``cellsam-trt build``)."""
+        if self.backend == "trt":
+            if self.model_dir is None:
+                raise ValueError("backend 'trt' needs an engine directory (made by cellsam-trt build)")
+            from .trt_backend import TrtBackend
+
+            engine = CellSAMEngine(TrtBackend(self.model_dir), self.settings)
+            return engine, {"model": str(self.model_dir), "backend": "trt", "adv_mode": engine.backend.adv_mode}
+        model_dir = self.model_dir
+        if model_dir is None and self.backend == "ort":
+            model_dir = str(export_on_the_fly(self.checkpoint, self.synthetic_seed, self.export_cache, self.threads))
+        if model_dir is not None:
             backend = "ort" if self.backend == "auto" else self.backend
-            engine = CellSAMEngine.load(self.model_dir, backend=backend, settings=self.settings, precision=self.precision,
+            engine = CellSAMEngine.load(model_dir, backend=backend, settings=self.settings, precision=self.precision,
                                         threads=self.threads, device=self.device, checkpoint=self.checkpoint)
-            return engine, {"model": str(self.model_dir), "backend": backend, "adv_mode": engine.backend.adv_mode}
+            return engine, {"model": str(model_dir), "backend": backend, "adv_mode": engine.backend.adv_mode}
         if self.backend not in ("auto", "torch"):
-            raise ValueError(f"backend {self.backend!r} needs an export directory (made by cellsam-trt export)")
+            raise ValueError(f"unknown backend {self.backend!r} (use auto, ort, torch or trt)")
         import torch
 
         from ..model.checkpoint import load_checkpoint
@@ -251,7 +268,43 @@ class EngineSpec:
         return replace(self, device=device)
 
 
+def export_on_the_fly(checkpoint, synthetic_seed: int = 0, cache=None, threads: int = 0) -> Path:
+    """The export directory of a checkpoint (FP32 graphs, validated at batch 1 and 1 / 5
+    prompts), made once under ``cache``/<sha256 prefix>; concurrent callers each export to a
+    temporary folder and the first rename wins."""
+    import shutil
+    import tempfile
+
+    from ..export.onnx_export import MANIFEST, export_model
+    from ..model.checkpoint import load_checkpoint, sha256_file
+    from ..model.synthetic import default_cache_dir, synthetic_checkpoint
+
+    path = Path(checkpoint) if checkpoint else synthetic_checkpoint(synthetic_seed)
+    sha = sha256_file(path)
+    root = Path(cache) if cache is not None else default_cache_dir() / "exports"
+    dest = root / sha[:16]
+    if (dest / MANIFEST).is_file():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{sha[:16]}."))
+    try:
+        ck = load_checkpoint(path)
+        export_model(ck.model, tmp, checkpoint_sha256=sha, checkpoint_path=str(path.resolve()),
+                     synthetic_seed=None if checkpoint else synthetic_seed, image_batches=(1,), decoder_prompts=(1, 5),
+                     threads=threads)
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished first
+            if not (dest / MANIFEST).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _read(source) -> np.ndarray:
+    if callable(source):  # a loader: read (and arrange) the image in the preprocessing thread
+        return np.asarray(source())
     if isinstance(source, (str, os.PathLike)):
         from .. import io as cio
 
