@@ -82,16 +82,6 @@ def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float
             "cells": res.cells, "peak_rss_mib": _peak_rss_mib(), "ok": res.ok}
 
 
-def border_ids(slide, grid) -> np.ndarray:
-    """Ground-truth cells that cross some tile's edge (a tile sees them cut)."""
-    c = slide.cells()
-    cut = np.zeros(len(c["id"]), bool)
-    for starts, size, centre in ((grid.ystarts, grid.th, c["cy"]), (grid.xstarts, grid.tw, c["cx"])):
-        for edge in np.concatenate([starts[1:], starts[:-1] + size]):
-            cut |= (centre - c["r"] < edge) & (centre + c["r"] >= edge)
-    return c["id"][cut], c["id"][~cut]
-
-
 def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, chunk: int = 2048) -> dict:
     from cellsam_trt.metrics import StreamedInstanceMatch
     from cellsam_trt.slide.grid import TileGrid, TileSettings
@@ -106,7 +96,7 @@ def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, chunk: 
         for x in range(0, size, chunk):
             y1, x1 = min(y + chunk, size), min(x + chunk, size)
             m.add(s.labels(y, y1, x, x1), pred.read(y, y1, x, x1))
-    border, interior = border_ids(s, TileGrid(size, size, TileSettings(tile_size=tile, overlap=overlap)))
+    border, interior = s.cells_cut_by(TileGrid(size, size, TileSettings(tile_size=tile, overlap=overlap)))
     return {"border": m.result(border), "interior": m.result(interior), "all": m.result(),
             "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
 

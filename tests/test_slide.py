@@ -151,16 +151,6 @@ def _slide_file(tmp_path, h=1300, w=1500, seed=1, **kw) -> tuple[SyntheticSlide,
     return s, path
 
 
-def _border_cells(s: SyntheticSlide, grid: TileGrid) -> tuple[np.ndarray, np.ndarray]:
-    """Ground-truth ids of cells that some tile cuts (they cross a tile edge) and the others."""
-    c = s.cells()
-    cut = np.zeros(len(c["id"]), bool)
-    for starts, size, centre in ((grid.ystarts, grid.th, c["cy"]), (grid.xstarts, grid.tw, c["cx"])):
-        for edge in np.concatenate([starts[1:], starts[:-1] + size]):
-            cut |= (centre - c["r"] < edge) & (centre + c["r"] >= edge)
-    return c["id"][cut], c["id"][~cut]
-
-
 @pytest.mark.parametrize("fmt", ["ome-zarr", "bigtiff"])
 def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
     s, path = _slide_file(tmp_path)
@@ -173,7 +163,7 @@ def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
     gt = s.labels(0, s.height, 0, s.width)
     m = match_instances(gt.astype(np.int64), out.astype(np.int64))
     assert m.n_reference == m.n_test == res.cells and m.mean_iou == 1.0
-    border, interior = _border_cells(s, TileGrid(s.height, s.width, tiles))
+    border, interior = s.cells_cut_by(TileGrid(s.height, s.width, tiles))
     assert len(border) > 100 and len(interior) > 100
     assert not (tmp_path / f".{dest.name}.work").exists()  # the work folder is removed
 

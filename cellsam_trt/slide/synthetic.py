@@ -67,6 +67,16 @@ class SyntheticSlide:
         parts = [self._row(gy) for gy in range(self.grid_rows)]
         return {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(("id", "cy", "cx", "r"))}
 
+    def cells_cut_by(self, grid) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of the cells some tile of ``grid`` (``slide.grid.TileGrid``) sees cut (they cross
+        a tile's edge: only stitching makes them whole), and of the other cells."""
+        c = self.cells()
+        cut = np.zeros(len(c["id"]), bool)
+        for starts, size, centre in ((grid.ystarts, grid.th, c["cy"]), (grid.xstarts, grid.tw, c["cx"])):
+            for edge in np.concatenate([starts[1:], starts[:-1] + size]):
+                cut |= (centre - c["r"] < edge) & (centre + c["r"] >= edge)
+        return c["id"][cut], c["id"][~cut]
+
     def _render(self, y0, y1, x0, x1, what: str) -> np.ndarray:
         if what == "labels":
             out = np.zeros((y1 - y0, x1 - x0), np.uint32)
