@@ -60,36 +60,43 @@ def _child(args: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------ steps
-def step_write(size: int, path: str, seed: int) -> dict:
+def _slide(size: int, seed: int, pitch: int | None = None):
     from cellsam_trt.slide.synthetic import SyntheticSlide
 
+    return SyntheticSlide(size, size, seed=seed, **{**SLIDE_KW, **({"pitch": pitch} if pitch else {})})
+
+
+def step_write(size: int, path: str, seed: int, pitch: int | None = None) -> dict:
     t0 = time.perf_counter()
-    SyntheticSlide(size, size, seed=seed, **SLIDE_KW).write_ome_tiff(path, tile=512)
+    _slide(size, seed, pitch).write_ome_tiff(path, tile=512)
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "bytes": os.path.getsize(path)}
 
 
-def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float) -> dict:
+def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float, mode: str = "exact",
+                 pitch: int | None = None) -> dict:
     from cellsam_trt.slide.grid import TileSettings
     from cellsam_trt.slide.io import open_slide
     from cellsam_trt.slide.run import SlideOutput, segment_slide
     from cellsam_trt.slide.synthetic import ThresholdSegmenter
 
     t0 = time.perf_counter()
-    res = segment_slide(open_slide(path), ThresholdSegmenter(threshold), SlideOutput(Path(dest)),
+    threshold = threshold or _slide(8, 0, pitch).threshold()
+    res = segment_slide(open_slide(path), ThresholdSegmenter(threshold, drop_edge_cells=mode == "drop_edge"),
+                        SlideOutput(Path(dest)),
                         TileSettings(tile_size=tile, overlap=overlap))
     total = time.perf_counter() - t0
     return {"seconds": total, "passes": res.seconds, "tiles": res.grid["tiles"], "tiles_per_s": res.grid["tiles"] / total,
             "cells": res.cells, "peak_rss_mib": _peak_rss_mib(), "ok": res.ok}
 
 
-def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, chunk: int = 2048) -> dict:
+def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, pitch: int | None = None,
+               chunk: int = 2048) -> dict:
     from cellsam_trt.metrics import StreamedInstanceMatch
     from cellsam_trt.slide.grid import TileGrid, TileSettings
     from cellsam_trt.slide.io import open_slide
-    from cellsam_trt.slide.synthetic import SyntheticSlide
 
     t0 = time.perf_counter()
-    s = SyntheticSlide(size, size, seed=seed, **SLIDE_KW)
+    s = _slide(size, seed, pitch)
     pred = open_slide(dest)
     m = StreamedInstanceMatch()
     for y in range(0, size, chunk):
@@ -143,35 +150,38 @@ def cellsam_seconds_per_tile(export: str, threads: int, reps: int = 2) -> dict:
 
 
 def cmd_sweep(a) -> dict:
-    from cellsam_trt.slide.synthetic import SyntheticSlide
-
+    """Each (tile, overlap) on a slide of exactly 4 tiles of that overlap per side (so the
+    overlap is the one asked for; a grid spreads tiles evenly, which would enlarge it), with a
+    cell pitch (37) that tile edges do not line up with."""
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"sweep{a.size}.ome.tif"
-    if not path.exists():
-        _child(["_write", str(a.size), str(path), str(a.seed)])
-    thr = SyntheticSlide(8, 8, **SLIDE_KW).threshold()
     per_tile = cellsam_seconds_per_tile(a.export, a.threads) if a.export else None
     rows = []
     for tile in a.tiles:
         for overlap in a.overlaps:
             if overlap >= tile:
                 continue
-            dest = work / f"sweep_{tile}_{overlap}.ome.zarr"
-            seg = _child(["_segment", str(path), str(dest), str(tile), str(overlap), str(thr)])
-            score = _child(["_score", str(a.size), str(a.seed), str(dest), str(tile), str(overlap)])
-            row = {"tile": tile, "overlap": overlap, "tiles": seg["tiles"], "border": score["border"],
-                   "interior": score["interior"],
-                   "overhead_vs_no_overlap": seg["tiles"] / _tiles(a.size, tile, 0)}
+            size = 4 * (tile - overlap) + overlap
+            path = work / f"sweep{size}.ome.tif"
+            _child(["_write", str(size), str(path), str(a.seed), "37"])
+            row = {"tile": tile, "overlap": overlap, "slide": size,
+                   "tiles_per_megapixel": 1e6 / (tile - overlap) ** 2}
+            for mode in ("exact", "drop_edge"):
+                dest = work / f"sweep_{tile}_{overlap}_{mode}.ome.zarr"
+                seg = _child(["_segment", str(path), str(dest), str(tile), str(overlap), "0", mode, "37"])
+                score = _child(["_score", str(size), str(a.seed), str(dest), str(tile), str(overlap), "37"])
+                row[mode] = {"border": score["border"], "interior": score["interior"], "tiles": seg["tiles"]}
+                import shutil
+
+                shutil.rmtree(dest)
             if per_tile:
-                row["cellsam_seconds_estimate"] = seg["tiles"] * per_tile["seconds_min"]
+                row["cellsam_seconds_per_megapixel"] = row["tiles_per_megapixel"] * per_tile["seconds_min"]
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
-            import shutil
-
-            shutil.rmtree(dest)
-    return {"size": a.size, "cellsam_per_tile": per_tile, "rows": rows,
-            "slide": {**SLIDE_KW, "cell_diameter_px": [2 * SLIDE_KW["radius"][0] + 1, 2 * SLIDE_KW["radius"][1] + 1]}}
+            path.unlink()
+    return {"cellsam_per_tile": per_tile, "rows": rows,
+            "slide": {**SLIDE_KW, "pitch": 37,
+                      "cell_diameter_px": [2 * SLIDE_KW["radius"][0] - 1, 2 * SLIDE_KW["radius"][1] - 1]}}
 
 
 def _tiles(size, tile, overlap):
@@ -289,9 +299,8 @@ def main(argv=None) -> int:
     m.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
     m.add_argument("--keep", action="store_true")
     w = sub.add_parser("sweep")
-    w.add_argument("--size", type=int, default=4096)
     w.add_argument("--tiles", type=int, nargs="+", default=[512, 1024])
-    w.add_argument("--overlaps", type=int, nargs="+", default=[0, 16, 32, 64, 128, 192])
+    w.add_argument("--overlaps", type=int, nargs="+", default=[0, 8, 16, 24, 32, 48, 64, 128])
     c = sub.add_parser("compare")
     c.add_argument("--size", type=int, default=2048)
     c.add_argument("--big", type=int, default=8192)
@@ -317,12 +326,14 @@ def main(argv=None) -> int:
 
 def _step_main(argv) -> int:
     kind, rest = argv[0], argv[1:]
+    pitch = lambda i: int(rest[i]) if len(rest) > i else None  # noqa: E731
     if kind == "_write":
-        r = step_write(int(rest[0]), rest[1], int(rest[2]))
+        r = step_write(int(rest[0]), rest[1], int(rest[2]), pitch(3))
     elif kind == "_segment":
-        r = step_segment(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]))
+        r = step_segment(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]),
+                         rest[5] if len(rest) > 5 else "exact", pitch(6))
     else:
-        r = step_score(int(rest[0]), int(rest[1]), rest[2], int(rest[3]), int(rest[4]))
+        r = step_score(int(rest[0]), int(rest[1]), rest[2], int(rest[3]), int(rest[4]), pitch(5))
     print(json.dumps(r, default=float))
     return 0
 

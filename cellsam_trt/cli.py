@@ -192,6 +192,10 @@ class _SlideRunner:
             if args.dask:
                 self.client = Client(args.dask)
             else:
+                if not spec.threads:  # share the cores between the workers instead of oversubscribing them
+                    from dataclasses import replace
+
+                    self.spec = spec = replace(spec, threads=max(1, (os.cpu_count() or 1) // args.dask_local))
                 self.cluster = local_cluster(args.dask_local, threads_per_worker=max(1, args.threads or 1))
                 self.client = Client(self.cluster)
             self.client.register_plugin(make_engine_plugin(spec), name=PLUGIN)

@@ -12,7 +12,9 @@
    the same numbers whatever order the tiles were segmented in.
 4. ``render_region``: every pixel takes its label from the tile whose core holds it, mapped
    through the table; cells cut by a core boundary are whole because both sides carry the
-   same global label. With prompts (``windows=True``) each prompt is segmented by one tile
+   same global label. Where the owner has background, a neighbour's cell that the neighbour
+   sees whole fills in (a model that misses cells cut by its tile edge loses none of them
+   when the overlap is at least a cell diameter). With prompts (``windows=True``) each prompt is segmented by one tile
    only, which holds it whole: there is nothing to link, and each tile's masks are pasted over
    its whole window in raster order (a later tile wins an overlap, as a later prompt does
    inside a tile), so a mask that reaches into a neighbour's core is not cut.
@@ -95,7 +97,8 @@ class TileStore:
         n = len(uniq) - 1
         if n:
             self._array("r+")[index] = local
-        _atomic_text(self.root / "done" / f"{index}.json", json.dumps({"n": int(n), **(info or {})}))
+        marker = {"n": int(n), "cut": cut_labels(local, t, self.grid), **(info or {})}
+        _atomic_text(self.root / "done" / f"{index}.json", json.dumps(marker))
         return n
 
     def mark_empty(self, index: int, info: dict | None = None) -> None:
@@ -120,6 +123,24 @@ class TileStore:
         t = self.grid[index]
         arr = arr if arr is not None else self._array()
         return np.asarray(arr[index, y0 - t.y0:y1 - t.y0, x0 - t.x0:x1 - t.x0])
+
+
+def cut_labels(local: np.ndarray, tile, grid: TileGrid) -> list[int]:
+    """Local labels touching an edge of the tile that lies inside the slide (cells the tile
+    may see cut), sorted."""
+    edges = []
+    if tile.y0 > 0:
+        edges.append(local[0])
+    if tile.y1 < grid.height:
+        edges.append(local[-1])
+    if tile.x0 > 0:
+        edges.append(local[:, 0])
+    if tile.x1 < grid.width:
+        edges.append(local[:, -1])
+    if not edges:
+        return []
+    ids = np.unique(np.concatenate(edges))
+    return [int(i) for i in ids if i > 0]
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -182,26 +203,47 @@ def global_lut(n_pre: int, links: np.ndarray) -> tuple[np.ndarray, int]:
     return lut, int(len(uniq))
 
 
+def _table(lut, offsets, index: int, n: int, dtype) -> np.ndarray:
+    table = lut[offsets[index]:offsets[index] + n + 1].astype(dtype)
+    table[0] = 0
+    return table
+
+
 def render_region(store: TileStore, done: dict[int, dict], offsets: np.ndarray, lut: np.ndarray,
                   y0: int, y1: int, x0: int, x1: int, dtype=np.uint32, arr=None, windows: bool = False) -> np.ndarray:
     """The final labels of the slide region [y0, y1) x [x0, x1) -> (h, w) ``dtype``.
 
-    windows: paste each tile's labels over its whole window (prompted runs), else its core."""
+    Automatic runs: each pixel takes the label of the tile whose core holds it; where that
+    tile has background, a neighbour's cell that the neighbour sees whole (not touching its
+    tile edge) fills in, so a cell that only one tile segmented (a model may miss or misshape a
+    cell cut by its tile edge) is written whole. Prompted runs (``windows``): each tile's
+    labels over its whole window, raster order (see the module docstring)."""
     arr = arr if arr is not None else store._array()
     out = np.zeros((y1 - y0, x1 - x0), dtype)
-    parts = store.grid.windows_in if windows else store.grid.cores_in
-    for t, (ry0, ry1, rx0, rx1) in parts(y0, y1, x0, x1):
+    grid = store.grid
+    for t, (ry0, ry1, rx0, rx1) in (grid.windows_in if windows else grid.cores_in)(y0, y1, x0, x1):
         n = int(done.get(t.index, {}).get("n", 0))
         if n == 0:
             continue
-        table = lut[offsets[t.index]:offsets[t.index] + n + 1].astype(dtype)
-        table[0] = 0
         local = store.region(t.index, ry0, ry1, rx0, rx1, arr)
         view = out[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
         if windows:
-            np.copyto(view, table[local], where=local > 0)
+            np.copyto(view, _table(lut, offsets, t.index, n, dtype)[local], where=local > 0)
         else:
-            view[...] = table[local]
+            view[...] = _table(lut, offsets, t.index, n, dtype)[local]
+    if windows:
+        return out
+    for t, (ry0, ry1, rx0, rx1) in grid.windows_in(y0, y1, x0, x1):  # the fill-in pass
+        n = int(done.get(t.index, {}).get("n", 0))
+        if n == 0:
+            continue
+        view = out[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
+        if view.all():
+            continue
+        table = _table(lut, offsets, t.index, n, dtype)
+        table[done[t.index].get("cut", [])] = 0
+        local = store.region(t.index, ry0, ry1, rx0, rx1, arr)
+        np.copyto(view, table[local], where=view == 0)
     return out
 
 

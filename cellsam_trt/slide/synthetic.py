@@ -8,8 +8,11 @@ column (uint32), stable across regions.
 
 ``ThresholdSegmenter``: intensity threshold + connected components, with the engine's
 ``segment_many`` interface. On these slides it reproduces the ground truth exactly inside a
-tile, so any error it shows after tiling is the tiling's and stitching's own. It measures the
-slide machinery (border handling, IO, memory, Dask); it is not a cell segmentation model.
+tile, so any error it shows after tiling is the tiling's and stitching's own. With
+``drop_edge_cells`` it also misses every cell cut by the tile edge (the pessimistic model of a
+network that cannot segment a half-seen cell): then only the overlap can make them whole. It
+measures the slide machinery (border handling, IO, memory, Dask); it is not a cell
+segmentation model.
 """
 
 from __future__ import annotations
@@ -150,8 +153,9 @@ class ThresholdSegmenter:
     order (prompts are ignored); see the module docstring for what it is for.
     """
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, drop_edge_cells: bool = False) -> None:
         self.threshold = float(threshold)
+        self.drop_edge_cells = bool(drop_edge_cells)
 
     def segment(self, image: np.ndarray):
         from scipy import ndimage
@@ -162,6 +166,9 @@ class ThresholdSegmenter:
         if img.ndim == 3:
             img = img.max(axis=-1)
         lab, _ = ndimage.label(img > self.threshold)
+        if self.drop_edge_cells:  # like a model that misses every cell cut by the image edge
+            edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+            lab[np.isin(lab, edge[edge > 0])] = 0
         seg = _empty(*img.shape)
         seg.labels = lab.astype(np.int32)
         seg.labels_raw = seg.labels
