@@ -203,6 +203,7 @@ def official_style_tiled(slide_path: str, boxes: np.ndarray, tile: int, overlap:
 
     torch.set_num_threads(threads)
     model = load_checkpoint(synthetic_checkpoint(0)).model
+    sam = model.mask_sam.eval()
     src = open_slide(slide_path)
     grid = TileGrid(src.height, src.width, TileSettings(tile_size=tile, overlap=overlap))
     routed = route_prompts(grid, boxes=boxes)
@@ -213,10 +214,9 @@ def official_style_tiled(slide_path: str, boxes: np.ndarray, tile: int, overlap:
             e = routed.per_tile.get(t.index)
             if e is None:
                 continue
-            official_style_image(run, model, model.adv_mode, SegmentSettings(), f"tile{t.index}",
+            official_style_image(run, sam, model.adv_mode, SegmentSettings(), f"tile{t.index}",
                                  src.read(t.y0, t.y1, t.x0, t.x1), e["boxes"])
-    return {"seconds": time.perf_counter() - t0, "tiles": len(routed.per_tile),
-            "stages": {k: v for k, v in run.items() if isinstance(v, (int, float))}}
+    return {"seconds": time.perf_counter() - t0, "tiles": len(routed.per_tile), "stages": run["stages"]}
 
 
 def cmd_compare(a) -> dict:

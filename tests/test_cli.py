@@ -254,3 +254,12 @@ def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
     assert len(r["seconds_per_image"]) == 2 and all(t > 0 for t in r["seconds_per_image"])
     assert r["images_per_s_sequential"] > 0 and r["images_per_s_segment_many"] > 0 and r["failed"] == []
     assert r["backend"] == "ort" and r["machine"]["cpu_count"] >= 1 and min(r["cells"]) > 0
+
+
+def test_progress_bar_shows_images_per_second(tiny_checkpoint, images, tmp_path, capsys):
+    d, boxes = images
+    rc = cli.main(["run", str(d / "a.tif"), str(d / "b.npy"), "--out", str(tmp_path / "o"), "--checkpoint",
+                   str(tiny_checkpoint), "--boxes", str(boxes), "--iou-threshold=-100"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "2/2" in err and "images/s" in err
