@@ -117,6 +117,20 @@ def test_multichannel_and_bad_slides(tmp_path):
         open_slide(tmp_path / "junk.tif")
 
 
+def test_channel_problems_are_named_before_any_tile_runs(tmp_path):
+    from cellsam_trt.slide.run import ChannelMap
+
+    five = np.zeros((5, 64, 64), np.uint16)
+    tifffile.imwrite(tmp_path / "five.ome.tif", five, ome=True, metadata={"axes": "CYX"})
+    src = open_slide(tmp_path / "five.ome.tif")
+    with pytest.raises(SlideError, match="five.ome.tif: 5 channels; name the nuclear"):
+        segment_slide(src, ThresholdSegmenter(1.0), SlideOutput(tmp_path / "o.ome.zarr"))
+    with pytest.raises(SlideError, match="five.ome.tif: whole-cell channel 7 does not exist"):
+        segment_slide(src, ThresholdSegmenter(1.0), SlideOutput(tmp_path / "o.ome.zarr"), channels=ChannelMap(0, 7))
+    res = segment_slide(src, ThresholdSegmenter(1.0), SlideOutput(tmp_path / "o.ome.zarr"), channels=ChannelMap(1, 3))
+    assert res.ok and res.cells == 0 and not list(tmp_path.glob(".*work"))
+
+
 def test_ome_zarr_writer_metadata_pyramid_and_atomic_replace(tmp_path):
     lab = np.random.default_rng(1).integers(0, 70000, (300, 500)).astype(np.uint32)
     dest = tmp_path / "l.ome.zarr"

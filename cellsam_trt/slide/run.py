@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import preprocess as pre
 from .grid import RoutedPrompts, TileGrid, TileSettings, route_prompts
-from .io import OmeZarrLabelWriter, SlideSource, write_bigtiff_labels
+from .io import OmeZarrLabelWriter, SlideError, SlideSource, write_bigtiff_labels
 from .stitch import TileStore, chunk_grid, global_lut, link_tiles, offsets_for, render_region
 
 OUTPUT_FORMATS = ("ome-zarr", "bigtiff")
@@ -236,6 +236,12 @@ def segment_slide(
 def prepare_slide(source, output, tiles, boxes, points, point_labels, channels, fingerprint):
     """-> (grid, routed prompts or None, opened tile store (resumed when it matches), channels)."""
     channels = channels or ChannelMap()
+    for what, idx in (("nuclear", channels.nuclear), ("whole-cell", channels.wholecell)):
+        if idx is not None and not 0 <= idx < max(source.channels, 1):
+            raise SlideError(f"{source.name}: {what} channel {idx} does not exist ({source.channels or 1} channels)")
+    if source.channels > 3 and channels.nuclear is None and channels.wholecell is None:
+        raise SlideError(f"{source.name}: {source.channels} channels; name the nuclear and / or whole-cell channel "
+                         "(CellSAM takes at most 3)")
     grid = TileGrid(source.height, source.width, tiles or TileSettings())
     routed = route_prompts(grid, boxes, points, point_labels) if (boxes is not None or points is not None) else None
     fp = {"slide": source.name, "level": source.level, "series": source.series, "channels": vars(channels),
