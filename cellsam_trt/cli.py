@@ -140,7 +140,7 @@ def _run_slides(runner, jobs, boxes, points, bar):
     for f, paths, entry in jobs:
         t0 = time.perf_counter()
         try:
-            entry.update(runner.segment(f, paths["labels"], boxes, points, bar))
+            entry.update(runner.segment(f, paths, boxes, points, bar))
             entry.update(status="ok")
         except Exception as e:  # one bad slide must not stop the job
             msg = str(e) if str(f) in str(e) else f"{f}: {e}"
@@ -153,7 +153,10 @@ def _run_slides(runner, jobs, boxes, points, bar):
 
 def _slide_outputs(f: Path, out: Path, args) -> dict[str, Path]:
     ext = "ome.zarr" if args.slide_format == "ome-zarr" else "ome.tif"
-    return {"labels": out / f"{f.stem}_labels.{ext}"}
+    paths = {"labels": out / f"{f.stem}_labels.{ext}"}
+    if args.table:
+        paths["table"] = out / f"{f.stem}_cells.{args.table}"
+    return paths
 
 
 def _tiled(args) -> bool:
@@ -204,7 +207,7 @@ class _SlideRunner:
         else:
             self.engine, _ = _build_engine(spec)
 
-    def segment(self, f: Path, dest: Path, boxes, points, bar) -> dict:
+    def segment(self, f: Path, paths: dict[str, Path], boxes, points, bar) -> dict:
         from .slide.io import open_slide
         from .slide.run import ChannelMap, SlideOutput, segment_slide
 
@@ -212,7 +215,9 @@ class _SlideRunner:
         source = open_slide(f, level=args.level)
         try:
             tiles = _tile_settings(args, source)
-            output = SlideOutput(dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels)
+            dest = paths["labels"]
+            output = SlideOutput(dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels,
+                                 table=paths.get("table"))
             kw = dict(boxes=None if boxes is None else boxes, points=points[0] if points else None,
                       point_labels=points[1] if points else None,
                       channels=ChannelMap(args.nuclear_channel, args.wholecell_channel),
@@ -271,6 +276,8 @@ def cmd_run(args) -> int:
     points = cio.read_points(args.points) if args.points else None
     spec = engine_spec(args)
     if _tiled(args):
+        if args.geojson:
+            raise SystemExit("cellsam-trt: --geojson is for whole images; in tiled mode use --table (csv or parquet)")
         runner = _SlideRunner(args, spec)
         model_info = {"engine": repr(spec), "tiled": True}
     else:

@@ -171,9 +171,22 @@ def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
     src = open_slide(path)
     tiles = TileSettings(tile_size=400, overlap=48)  # cells are at most 33 px across
     dest = tmp_path / ("l.ome.zarr" if fmt == "ome-zarr" else "l.ome.tif")
-    res = segment_slide(src, ThresholdSegmenter(s.threshold()), SlideOutput(dest, fmt=fmt, chunk=256), tiles)
+    table = tmp_path / "cells.csv"
+    res = segment_slide(src, ThresholdSegmenter(s.threshold()), SlideOutput(dest, fmt=fmt, chunk=256, table=table),
+                        tiles)
     assert res.ok and res.grid["tiles"] == 4 * 5
     out = read_labels(dest)
+    # the streamed per-cell table equals the in-memory one of the whole label map
+    from cellsam_trt.outputs import TABLE_COLUMNS, cell_table
+
+    seg = _empty(*out.shape)
+    seg.labels = seg.labels_raw = out.astype(np.int32)
+    seg.iou_predictions = np.zeros(int(out.max()))
+    want = cell_table(seg, 0)
+    got = np.genfromtxt(table, delimiter=",", names=True)
+    assert list(got.dtype.names) == list(TABLE_COLUMNS) and len(got) == res.cells
+    for k in TABLE_COLUMNS[:8]:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5)
     gt = s.labels(0, s.height, 0, s.width)
     m = match_instances(gt.astype(np.int64), out.astype(np.int64))
     assert m.n_reference == m.n_test == res.cells and m.mean_iou == 1.0

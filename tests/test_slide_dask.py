@@ -56,8 +56,10 @@ def test_one_tile_equals_the_plain_run(tiny_export, tmp_path):
 def test_dask_local_cluster_gives_the_single_process_labels(tiny_export, slide, tmp_path, capsys):
     boxes = box_file(SyntheticSlide(560, 620, seed=7), tmp_path / "boxes.json", every=2)
     common = ["--model", tiny_export, "--tile-size", "384", "--overlap", "64", "--chunk", "256", "--boxes", boxes]
-    assert run(slide, "--out", tmp_path / "one", *common) == 0
-    assert run(slide, "--out", tmp_path / "dask", *common, "--dask-local", "2", "--slide-format", "bigtiff") == 0
+    assert run(slide, "--out", tmp_path / "one", *common, "--table", "csv") == 0
+    assert run(slide, "--out", tmp_path / "dask", *common, "--dask-local", "2", "--slide-format", "bigtiff",
+               "--table", "csv") == 0
+    assert (tmp_path / "one" / "s.ome_cells.csv").read_text() == (tmp_path / "dask" / "s.ome_cells.csv").read_text()
     one = read_labels(tmp_path / "one" / "s.ome_labels.ome.zarr")
     dask = read_labels(tmp_path / "dask" / "s.ome_labels.ome.tif")
     assert one.max() > 0 and len(np.unique(one)) - 1 == one.max()
@@ -69,8 +71,10 @@ def test_dask_local_cluster_gives_the_single_process_labels(tiny_export, slide, 
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
-        assert run(slide, "--out", tmp_path / "addr", *common, "--dask", cluster.scheduler_address) == 0
+        assert run(slide, "--out", tmp_path / "addr", *common, "--dask", cluster.scheduler_address,
+                   "--table", "csv") == 0
     np.testing.assert_array_equal(read_labels(tmp_path / "addr" / "s.ome_labels.ome.zarr"), one)
+    assert (tmp_path / "addr" / "s.ome_cells.csv").read_text() == (tmp_path / "one" / "s.ome_cells.csv").read_text()
     # a second run skips the finished slide
     assert run(slide, "--out", tmp_path / "one", *common) == 0
     assert json.loads((tmp_path / "one" / "run_summary.json").read_text())["files"][0]["status"].startswith("skipped")

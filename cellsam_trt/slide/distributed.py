@@ -85,8 +85,8 @@ def _segment_task(indices, source, store, routed, channels, max_in_flight):
     return stored
 
 
-def _write_task(chunks, store, done, offsets, lut, writer):
-    return write_chunks(store, done, offsets, lut, writer, chunks)
+def _write_task(chunks, store, done, offsets, lut, writer, stats):
+    return write_chunks(store, done, offsets, lut, writer, chunks, stats)
 
 
 def _subset(routed: RoutedPrompts | None, indices):
@@ -158,14 +158,14 @@ def segment_slide_dask(
     failed = {i: m for i, m in failed.items() if i not in done_now}
     seconds = {"segment": time.perf_counter() - t0}
 
-    def write(writer, chunks, done, offsets, lut):
+    def write(writer, chunks, done, offsets, lut, stats):
         [lut_f] = client.scatter([lut], broadcast=True)
         rows = {}
         for c in chunks:
             rows.setdefault(c[0], []).append(c)
-        fs = [client.submit(_write_task, group, store, done, offsets, lut_f, writer, pure=False, retries=retries)
-              for group in rows.values()]
-        client.gather(fs)
+        fs = [client.submit(_write_task, group, store, done, offsets, lut_f, writer, stats, pure=False,
+                            retries=retries) for group in rows.values()]
+        return [p for part in client.gather(fs) for p in part]
 
     if output.fmt == "ome-zarr":
         result = finish_slide(store, source, output, write=write)

@@ -17,7 +17,7 @@ import numpy as np
 from .. import preprocess as pre
 from .grid import RoutedPrompts, TileGrid, TileSettings, route_prompts
 from .io import OmeZarrLabelWriter, SlideError, SlideSource, write_bigtiff_labels
-from .stitch import TileStore, chunk_grid, global_lut, link_tiles, offsets_for, render_region
+from .stitch import CellStats, TileStore, block_stats, chunk_grid, global_lut, link_tiles, offsets_for, render_region
 
 OUTPUT_FORMATS = ("ome-zarr", "bigtiff")
 
@@ -28,13 +28,15 @@ class SlideOutput:
 
     dest: the label store (``.ome.zarr`` folder or ``.ome.tif`` file); fmt: "ome-zarr" or
     "bigtiff"; chunk: output chunk / TIFF tile side in pixels (a multiple of 16);
-    levels: pyramid levels of an OME-Zarr store (1 = full resolution only).
+    levels: pyramid levels of an OME-Zarr store (1 = full resolution only); table: optional
+    per-cell table (``.csv`` or ``.parquet``: label, bounding box, area, centroid in slide pixels).
     """
 
     dest: Path
     fmt: str = "ome-zarr"
     chunk: int = 1024
     levels: int = 1
+    table: Path | None = None
 
     def __post_init__(self):
         if self.fmt not in OUTPUT_FORMATS:
@@ -153,13 +155,17 @@ def prompted(store: TileStore) -> bool:
 
 
 def write_chunks(store: TileStore, done: dict, offsets: np.ndarray, lut: np.ndarray, writer: OmeZarrLabelWriter,
-                 chunks) -> int:
-    """Render and write output chunks [(y0, y1, x0, x1)] into the (partial) OME-Zarr store."""
+                 chunks, stats: bool = False) -> list:
+    """Render and write output chunks [(y0, y1, x0, x1)] into the (partial) OME-Zarr store.
+    -> per-chunk cell statistics (``stitch.block_stats``) when ``stats``, else []."""
     arr, tiles = writer.array(0), store._array()
+    out = []
     for y0, y1, x0, x1 in chunks:
         block = render_region(store, done, offsets, lut, y0, y1, x0, x1, writer.dtype, tiles, prompted(store))
         writer.write(y0, x0, block, arr)
-    return len(chunks)
+        if stats:
+            out.append(block_stats(block, y0, x0))
+    return out
 
 
 def stitch(store: TileStore):
@@ -250,29 +256,42 @@ def prepare_slide(source, output, tiles, boxes, points, point_labels, channels, 
 
 
 def finish_slide(store: TileStore, source: SlideSource, output: SlideOutput, write=None) -> SlideResult:
-    """Passes 2 and 3: link the stored tiles and write the label store. ``write``: optional
-    callable(writer, chunk list, done, offsets, lut) that writes the chunks elsewhere (Dask)."""
+    """Passes 2 and 3: link the stored tiles and write the label store (and ``output.table``).
+    ``write``: optional callable(writer, chunk list, done, offsets, lut, stats) -> per-chunk
+    statistics, that writes the OME-Zarr chunks elsewhere (Dask)."""
     t0 = time.perf_counter()
     done, offsets, lut, cells = stitch(store)
     t1 = time.perf_counter()
     dtype = output_dtype(cells)
     chunks = list(chunk_grid(source.height, source.width, output.chunk))
     dest = Path(output.dest)
+    want = output.table is not None
+    stats = CellStats(cells) if want else None
     if output.fmt == "ome-zarr":
         writer = OmeZarrLabelWriter(dest, source.shape, dtype, output.chunk, output.levels, source.pixel_size_um,
                                     source_image=source.name).create()
         try:
-            if write is None:
-                write_chunks(store, done, offsets, lut, writer, chunks)
-            else:
-                write(writer, chunks, done, offsets, lut)
+            parts = (write_chunks(store, done, offsets, lut, writer, chunks, want) if write is None
+                     else write(writer, chunks, done, offsets, lut, want))
             writer.finish()
         except BaseException:
             writer.abort()
             raise
+        for p in parts:
+            stats.add(p)
     else:
-        blocks = (render_region(store, done, offsets, lut, *c, dtype=dtype, windows=prompted(store)) for c in chunks)
-        write_bigtiff_labels(dest, source.shape, dtype, output.chunk, blocks, source.pixel_size_um)
+        def blocks():
+            for c in chunks:
+                block = render_region(store, done, offsets, lut, *c, dtype=dtype, windows=prompted(store))
+                if want:
+                    stats.add(block_stats(block, c[0], c[2]))
+                yield block
+
+        write_bigtiff_labels(dest, source.shape, dtype, output.chunk, blocks(), source.pixel_size_um)
+    if want:
+        from ..outputs import write_table
+
+        write_table(stats.table(), output.table)
     t2 = time.perf_counter()
     return SlideResult(dest, cells, store.grid.describe(), 0, 0, seconds={"link": t1 - t0, "write": t2 - t1})
 

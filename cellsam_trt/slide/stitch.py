@@ -252,3 +252,55 @@ def chunk_grid(height: int, width: int, chunk: int):
     for y in range(0, height, chunk):
         for x in range(0, width, chunk):
             yield y, min(y + chunk, height), x, min(x + chunk, width)
+
+
+def block_stats(block: np.ndarray, y0: int, x0: int) -> dict[str, np.ndarray]:
+    """Per-label pixel count, coordinate sums and bounding box of one output block at slide
+    offset (y0, x0) -> arrays over the labels present (``label`` sorted)."""
+    rows, cols = np.nonzero(block)
+    lab = block[rows, cols].astype(np.int64)
+    u, first, inv, count = np.unique(lab, return_index=True, return_inverse=True, return_counts=True)
+    order = np.argsort(inv, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(count)[:-1]]) if len(u) else np.zeros(0, np.int64)
+    c_sorted, r_sorted = cols[order], rows[order]
+    return {
+        "label": u, "area": count.astype(np.int64),
+        "sum_row": np.bincount(inv, weights=rows + y0, minlength=len(u)),
+        "sum_col": np.bincount(inv, weights=cols + x0, minlength=len(u)),
+        "min_row": rows[first] + y0 if len(u) else np.zeros(0, np.int64),  # rows come sorted
+        "max_row": (np.maximum.reduceat(r_sorted, starts) if len(u) else np.zeros(0, np.int64)) + y0,
+        "min_col": (np.minimum.reduceat(c_sorted, starts) if len(u) else np.zeros(0, np.int64)) + x0,
+        "max_col": (np.maximum.reduceat(c_sorted, starts) if len(u) else np.zeros(0, np.int64)) + x0,
+    }
+
+
+class CellStats:
+    """Area, centroid and bounding box of cells 1..K accumulated over the output blocks."""
+
+    def __init__(self, cells: int) -> None:
+        n = int(cells) + 1
+        self.area = np.zeros(n, np.int64)
+        self.sum_row, self.sum_col = np.zeros(n), np.zeros(n)
+        big = np.iinfo(np.int64).max
+        self.min_row, self.min_col = np.full(n, big), np.full(n, big)
+        self.max_row, self.max_col = np.full(n, -1), np.full(n, -1)
+
+    def add(self, s: dict[str, np.ndarray]) -> None:
+        u = s["label"]  # unique within a block
+        self.area[u] += s["area"]
+        self.sum_row[u] += s["sum_row"]
+        self.sum_col[u] += s["sum_col"]
+        for k, f in (("min_row", np.minimum), ("min_col", np.minimum), ("max_row", np.maximum), ("max_col", np.maximum)):
+            arr = getattr(self, k)
+            arr[u] = f(arr[u], s[k])
+
+    def table(self) -> dict[str, np.ndarray]:
+        """Columns of ``outputs.TABLE_COLUMNS`` (bbox max exclusive; no score / IoU: NaN)."""
+        idx = np.flatnonzero(self.area)
+        idx = idx[idx > 0]
+        a = self.area[idx]
+        nan = np.full(len(idx), np.nan)
+        return {"label": idx.astype(np.int64), "bbox_min_row": self.min_row[idx], "bbox_min_col": self.min_col[idx],
+                "bbox_max_row": self.max_row[idx] + 1, "bbox_max_col": self.max_col[idx] + 1, "area": a,
+                "centroid_row": self.sum_row[idx] / a, "centroid_col": self.sum_col[idx] / a,
+                "detection_score": nan, "iou_prediction": nan.copy()}
