@@ -141,7 +141,7 @@ def segment_slide_dask(
                              retries=retries, pure=False, key=f"cellsam-tiles-{store.key}-{b[0]}") for b in batches]
     by_key = {f.key: b for f, b in zip(futures, batches)}
     failed: dict[int, str] = {}
-    segmented = 0
+    finished = 0
     for fut in as_completed(futures):
         b = by_key[fut.key]
         if fut.status == "error":
@@ -150,20 +150,21 @@ def segment_slide_dask(
                                                                           f"{type(exc).__name__}: {exc}") for i in b]
             failed.update(errs)
         else:
-            segmented += len(fut.result())
+            finished += len(fut.result())
         if progress is not None:
-            progress(len(grid) - len(todo) + segmented + len(failed), len(grid))
+            progress(len(grid) - len(todo) + finished + len(failed), len(grid))
     # a batch that failed part-way stored its good tiles: they count as done
     done_now = store.done()
     failed = {i: m for i, m in failed.items() if i not in done_now}
+    segmented = len(done_now) - len(done)
     seconds = {"segment": time.perf_counter() - t0}
 
     def write(writer, chunks, done, offsets, lut, stats):
-        [lut_f] = client.scatter([lut], broadcast=True)
+        done_f, offsets_f, lut_f = client.scatter([done, offsets, lut], broadcast=True)
         rows = {}
         for c in chunks:
             rows.setdefault(c[0], []).append(c)
-        fs = [client.submit(_write_task, group, store, done, offsets, lut_f, writer, stats, pure=False,
+        fs = [client.submit(_write_task, group, store, done_f, offsets_f, lut_f, writer, stats, pure=False,
                             retries=retries) for group in rows.values()]
         return [p for part in client.gather(fs) for p in part]
 
