@@ -10,6 +10,9 @@ ground truth), written as tiled OME-BigTIFF and segmented into an OME-Zarr label
   whose peak RSS (``ru_maxrss``) is recorded. The segmenter is the exact threshold segmenter, so
   the figures are the slide machinery's (IO, tile store, links, label store), and the score is
   the stitching's.
+  With ``--engine-export DIR`` the CellSAM engine (ONNX Runtime on that export, automatic
+  mode) runs in the loop instead, for its memory against slide size (not scored: a synthetic
+  checkpoint finds no cells).
 * ``sweep``: tile size x overlap on one slide: border / interior IoU and split cells (threshold
   segmenter), tile count and the CellSAM cost that implies, with the seconds per tile of the
   CellSAM engine (ONNX Runtime FP32, synthetic checkpoint, automatic mode) measured in the same run.
@@ -81,8 +84,13 @@ def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float
 
     t0 = time.perf_counter()
     threshold = threshold or _slide(8, 0, pitch).threshold()
-    res = segment_slide(open_slide(path), ThresholdSegmenter(threshold, drop_edge_cells=mode == "drop_edge"),
-                        SlideOutput(Path(dest)),
+    if mode.startswith("export="):  # the CellSAM engine on an export directory (ONNX Runtime)
+        from cellsam_trt.engine.api import CellSAMEngine
+
+        engine = CellSAMEngine.load(mode.split("=", 1)[1])
+    else:
+        engine = ThresholdSegmenter(threshold, drop_edge_cells=mode == "drop_edge")
+    res = segment_slide(open_slide(path), engine, SlideOutput(Path(dest)),
                         TileSettings(tile_size=tile, overlap=overlap))
     total = time.perf_counter() - t0
     return {"seconds": total, "passes": res.seconds, "tiles": res.grid["tiles"], "tiles_per_s": res.grid["tiles"] / total,
@@ -120,12 +128,17 @@ def cmd_memory(a) -> dict:
         thr = SyntheticSlide(8, 8, **SLIDE_KW).threshold()
         row = {"size": size}
         row["write"] = _child(["_write", str(size), str(path), str(a.seed)])
-        row["segment"] = _child(["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr)])
-        row["score"] = _child(["_score", str(size), str(a.seed), str(dest), str(a.tile), str(a.overlap)])
+        if a.engine_export:  # the real engine in the loop (a random tiny model: finds no cells; not scored)
+            row["segment"] = _child(["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr),
+                                     f"export={a.engine_export}"])
+            row["engine"] = a.engine_export
+        else:
+            row["segment"] = _child(["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr)])
+            row["score"] = _child(["_score", str(size), str(a.seed), str(dest), str(a.tile), str(a.overlap)])
         row["label_store_bytes"] = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
-        print(json.dumps({k: row[k] for k in ("size",)} | {"segment": row["segment"], "score_border": row["score"]["border"]}),
-              file=sys.stderr)
+        print(json.dumps({"size": size, "segment": row["segment"]}), file=sys.stderr)
         rows.append(row)
+        Path(a.out).with_suffix(".partial.json").write_text(json.dumps({"rows": rows}, indent=1, default=float))
         if not a.keep:
             path.unlink()
             import shutil
@@ -298,6 +311,8 @@ def main(argv=None) -> int:
     m = sub.add_parser("memory")
     m.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
     m.add_argument("--keep", action="store_true")
+    m.add_argument("--engine-export", default=None,
+                   help="segment with CellSAMEngine on this export (automatic mode) instead of the threshold stand-in")
     w = sub.add_parser("sweep")
     w.add_argument("--tiles", type=int, nargs="+", default=[512, 1024])
     w.add_argument("--overlaps", type=int, nargs="+", default=[0, 8, 16, 24, 32, 48, 64, 128])
