@@ -130,10 +130,15 @@ def _run_images(engine, jobs, boxes, points, args, bar):
             entry.update(_write_outputs(item.segmentation, paths, args, engine.pipeline.settings.min_size))
             entry.update(status="ok", seconds=round(item.seconds, 3))
         except Exception as e:  # one bad file must not stop the job
-            msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+            msg = _error_message(f, e)
             entry.update(status="error", error=msg, seconds=round(item.seconds, 3))
             bar.write(f"error: {msg}", file=sys.stderr)
         yield entry
+
+
+def _error_message(f: Path, e: BaseException) -> str:
+    """The error, naming the file once."""
+    return str(e) if str(f) in str(e) else f"{f}: {e}"
 
 
 def _run_slides(runner, jobs, boxes, points, bar):
@@ -143,7 +148,7 @@ def _run_slides(runner, jobs, boxes, points, bar):
             entry.update(runner.segment(f, paths, boxes, points, bar))
             entry.update(status="ok")
         except Exception as e:  # one bad slide must not stop the job
-            msg = str(e) if str(f) in str(e) else f"{f}: {e}"
+            msg = _error_message(f, e)
             entry.update(getattr(e, "entry", {}))
             entry.update(status="error", error=msg)
             bar.write(f"error: {msg}", file=sys.stderr)
@@ -218,7 +223,7 @@ class _SlideRunner:
             dest = paths["labels"]
             output = SlideOutput(dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels,
                                  table=paths.get("table"))
-            kw = dict(boxes=None if boxes is None else boxes, points=points[0] if points else None,
+            kw = dict(boxes=boxes, points=points[0] if points else None,
                       point_labels=points[1] if points else None,
                       channels=ChannelMap(args.nuclear_channel, args.wholecell_channel),
                       fingerprint={"engine": repr(self.spec)},

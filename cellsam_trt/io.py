@@ -100,8 +100,13 @@ def atomic_path(dest: str | os.PathLike):
             os.unlink(tmp)
 
 
+def label_dtype_for(max_label: int) -> np.dtype:
+    """uint16 when the labels fit, else uint32."""
+    return np.dtype(np.uint16) if int(max_label) <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
 def label_dtype(labels: np.ndarray) -> np.dtype:
-    return np.dtype(np.uint16) if int(labels.max(initial=0)) <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+    return label_dtype_for(labels.max(initial=0))
 
 
 def write_labels(labels: np.ndarray, dest: str | os.PathLike, fmt: str = "tif") -> Path:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 
 from .grid import RoutedPrompts, TileSettings
-from .run import ChannelMap, SlideOutput, SlideResult, finish_slide, prepare_slide, segment_tile_batch, write_chunks
+from .run import (ChannelMap, SlideOutput, SlideResult, conclude, finish_slide, prepare_slide, segment_tile_batch,
+                  write_chunks)
 
 PLUGIN = "cellsam-trt-engine"
 
@@ -168,14 +169,5 @@ def segment_slide_dask(
                             retries=retries) for group in rows.values()]
         return [p for part in client.gather(fs) for p in part]
 
-    if output.fmt == "ome-zarr":
-        result = finish_slide(store, source, output, write=write)
-    else:
-        result = finish_slide(store, source, output)
-    result.tiles_segmented, result.tiles_resumed = segmented, len(done)
-    result.failed = [(i, grid[i].core, failed[i]) for i in sorted(failed)]
-    result.unrouted = routed.unrouted if routed is not None else []
-    result.seconds = {**seconds, **result.seconds}
-    if result.ok:
-        store.remove()
-    return result
+    result = finish_slide(store, source, output, write=write if output.fmt == "ome-zarr" else None)
+    return conclude(result, store, routed, failed, segmented, len(done), seconds)

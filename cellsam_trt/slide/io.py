@@ -14,7 +14,6 @@ interrupted job never leaves a half-written label store under the final name.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -321,9 +320,3 @@ def read_labels(path) -> np.ndarray:
     finally:
         src.close()
 
-
-def describe_store(path) -> dict:
-    """The NGFF attributes of a Zarr store (for run summaries)."""
-    p = Path(path)
-    f = p / ".zattrs"
-    return json.loads(f.read_text()) if f.is_file() else {}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import preprocess as pre
+from ..io import label_dtype_for
 from .grid import RoutedPrompts, TileGrid, TileSettings, route_prompts
 from .io import OmeZarrLabelWriter, SlideError, SlideSource, write_bigtiff_labels
 from .stitch import CellStats, TileStore, block_stats, chunk_grid, global_lut, link_tiles, offsets_for, render_region
@@ -145,10 +146,6 @@ def segment_tile_batch(engine, source: SlideSource, store: TileStore, indices, r
     return stored, errors
 
 
-def output_dtype(cells: int) -> np.dtype:
-    return np.dtype(np.uint16) if cells <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
-
-
 def prompted(store: TileStore) -> bool:
     """Was the store made by a prompted run (each prompt in one tile: paste whole windows)?"""
     return store.fingerprint.get("prompts") is not None
@@ -229,9 +226,15 @@ def segment_slide(
         if not todo:
             break
     seconds["segment"] = time.perf_counter() - t0
-    result = finish_slide(store, source, output)
+    return conclude(finish_slide(store, source, output), store, routed, failed, segmented, resumed, seconds)
+
+
+def conclude(result: SlideResult, store: TileStore, routed, failed: dict[int, str], segmented: int, resumed: int,
+             seconds: dict) -> SlideResult:
+    """Fill in the run's counts, failures and prompts not routed; remove the work folder when
+    every tile succeeded (else keep it for the next run)."""
     result.tiles_segmented, result.tiles_resumed = segmented, resumed
-    result.failed = [(i, _core_region(grid, i), failed[i]) for i in sorted(failed)]
+    result.failed = [(i, store.grid[i].core, failed[i]) for i in sorted(failed)]
     result.unrouted = routed.unrouted if routed is not None else []
     result.seconds = {**seconds, **result.seconds}
     if result.ok:
@@ -262,7 +265,7 @@ def finish_slide(store: TileStore, source: SlideSource, output: SlideOutput, wri
     t0 = time.perf_counter()
     done, offsets, lut, cells = stitch(store)
     t1 = time.perf_counter()
-    dtype = output_dtype(cells)
+    dtype = label_dtype_for(cells)
     chunks = list(chunk_grid(source.height, source.width, output.chunk))
     dest = Path(output.dest)
     want = output.table is not None
@@ -294,10 +297,6 @@ def finish_slide(store: TileStore, source: SlideSource, output: SlideOutput, wri
         write_table(stats.table(), output.table)
     t2 = time.perf_counter()
     return SlideResult(dest, cells, store.grid.describe(), 0, 0, seconds={"link": t1 - t0, "write": t2 - t1})
-
-
-def _core_region(grid: TileGrid, i: int):
-    return grid[i].core
 
 
 def _prompt_digest(boxes, points, point_labels) -> str | None:

@@ -73,12 +73,6 @@ class TileStore:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __getstate__(self):
-        return {"root": str(self.root), "grid": self.grid, "fingerprint": self.fingerprint, "key": self.key}
-
-    def __setstate__(self, s):
-        self.root, self.grid, self.fingerprint, self.key = Path(s["root"]), s["grid"], s["fingerprint"], s["key"]
-
     # -- tiles -------------------------------------------------------------------------------
     def _array(self, mode="r"):
         import zarr
