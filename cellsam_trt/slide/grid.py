@@ -216,12 +216,12 @@ def route_prompts(grid: TileGrid, boxes=None, points=None, point_labels=None) ->
     centre when it holds the prompt whole, else the neighbour that does with its centre
     nearest; a prompt larger than any tile is reported in ``unrouted``, never dropped silently.
     """
-    b = None if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
-    p = None if points is None else np.asarray(points, np.float32)
-    if p is not None:
-        p = p[None] if p.ndim == 2 else p
-        lab = (np.ones(p.shape[:2], np.int64) if point_labels is None
-               else np.asarray(point_labels, np.int64).reshape(p.shape[:2]))
+    from ..pipeline import _box_prompts, _point_prompts  # the pipeline's own prompt checks, up front
+
+    b = None if boxes is None else _box_prompts(boxes)
+    p = lab = None
+    if points is not None:
+        p, lab = _point_prompts(points, point_labels)
         if b is not None and len(b) != len(p):
             raise ValueError(f"{len(b)} boxes but {len(p)} point prompts")
     n = len(b) if b is not None else (len(p) if p is not None else 0)
