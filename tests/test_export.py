@@ -32,7 +32,7 @@ def test_manifest_and_metadata(tiny_export, tiny_model):
     from cellsam_trt.model.cellsam import CellSAMConfig
 
     assert CellSAMConfig.from_dict(m["config"]) == tiny_model.cfg
-    for name in S.MODEL_NAMES:
+    for name in S.MODEL_NAMES + S.CONTEXT_GRAPHS:
         entry = m["models"][name]
         model = onnx.load(str(tiny_export / entry["file"]), load_external_data=False)
         assert model.ir_version <= IR_VERSION
@@ -47,7 +47,7 @@ def test_manifest_and_metadata(tiny_export, tiny_model):
 
 def test_checker_shape_inference_and_trt_compat(tiny_export):
     m = read_manifest(tiny_export)
-    for name in S.MODEL_NAMES:
+    for name in S.MODEL_NAMES + S.CONTEXT_GRAPHS:
         model = onnx.load(str(tiny_export / m["models"][name]["file"]))
         onnx.checker.check_model(model)
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -144,6 +144,28 @@ def test_decoder_point_prompts(decoder_session, tiny_model, embedding, with_boxe
     assert np.abs(iou - want_iou.numpy()).max() <= 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 9])
+def test_split_decoder_graphs_match_sam_decode(tiny_export, tiny_model, embedding, n):
+    """prompt_context once, then context_decoder on its outputs, equals Sam.decode (boxes + a point)."""
+    m = read_manifest(tiny_export)
+    ctx = _session(tiny_export / m["models"][S.PROMPT_CONTEXT]["file"])
+    dec = _session(tiny_export / m["models"][S.CONTEXT_DECODER]["file"])
+    context = ctx.run(None, {"image_embeddings": embedding})
+    assert [c.shape for c in context] == [(1, 4096, 256)] + [(1, 4096, 128)] * 3
+    rng = np.random.default_rng(20 + n)
+    xy = rng.uniform(0, 900, (n, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(8, 120, (n, 2))], 1).astype(np.float32)
+    pts = rng.uniform(0, 1023, (n, 1, 2)).astype(np.float32)
+    coords, labels = prompt_tokens(boxes=boxes, points=pts, point_labels=np.ones((n, 1)))
+    feeds = dict(zip(S.model_specs()[S.CONTEXT_DECODER].input_names, context))
+    lr, iou = dec.run(None, {**feeds, "point_coords": coords, "point_labels": labels})
+    want_lr, want_iou = tiny_model.mask_sam.decode(torch.from_numpy(embedding), boxes=torch.from_numpy(boxes),
+                                                   points=torch.from_numpy(pts), labels=torch.ones(n, 1, dtype=torch.int64))
+    assert lr.shape == (n, 1, 256, 256)
+    assert np.abs(lr - want_lr.numpy()).max() <= 1e-5 * max(1.0, float(want_lr.abs().max()))
+    assert np.abs(iou - want_iou.numpy()).max() <= 1e-5
+
+
 def test_prompt_tokens_layout():
     c, l = prompt_tokens(boxes=np.array([[1, 2, 3, 4]], np.float32))
     assert c.tolist() == [[[1, 2], [3, 4]]] and l.tolist() == [[2, 3]]
@@ -187,4 +209,8 @@ def test_manifest_errors(tmp_path, tiny_export):
     m["models"] = {"image_encoder": dict(m["models"]["image_encoder"], file="gone.onnx")}
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="gone.onnx"):
+        read_manifest(tmp_path)
+    m["format_version"] = 3
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="v3 .expected 'cellsam-trt-onnx' v1 or v2"):
         read_manifest(tmp_path)

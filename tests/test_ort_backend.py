@@ -71,6 +71,54 @@ def test_decode_chunks_equal_one_call(tiny_export):
     assert lr0.shape == (0, 256, 256) and iou0.shape == (0,)
 
 
+def test_split_decoder_is_the_cpu_default_and_equals_the_whole_decoder(tiny_export):
+    """On the CPU the decoder runs as prompt_context (once per call) + context_decoder (one prompt
+    per call); its outputs equal the whole prompt_decoder's for boxes, points and both."""
+    split, whole = OrtBackend(tiny_export), OrtBackend(tiny_export, split_decoder=False)
+    assert split.split_decoder and split.decode_chunk == 1
+    assert not whole.split_decoder and whole.decode_chunk == 16
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    xy = rng.uniform(0, 900, (6, 2))
+    boxes = np.concatenate([xy, xy + 60], 1).astype(np.float32)
+    pts = rng.uniform(0, 1000, (6, 3, 2)).astype(np.float32)
+    lab = rng.integers(0, 2, (6, 3))
+    for kw in ({"boxes": boxes}, {"points": pts, "point_labels": lab},
+               {"boxes": boxes, "points": pts[:, :1], "point_labels": lab[:, :1]}):
+        a, b = split.decode(emb, **kw), whole.decode(emb, **kw)
+        assert a[0].shape == (6, 256, 256)
+        assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
+        assert np.abs(a[1] - b[1]).max() <= 1e-5
+    assert set(split._sessions) == {S.PROMPT_CONTEXT, S.CONTEXT_DECODER}
+    assert set(whole._sessions) == {S.DECODER}
+    lr, _ = OrtBackend(tiny_export, decode_chunk=4).decode(emb, boxes=boxes)
+    assert np.abs(lr - split.decode(emb, boxes=boxes)[0]).max() <= 1e-5 * max(1.0, np.abs(lr).max())
+
+
+def test_an_export_without_the_split_decoder_still_runs(tiny_export, tmp_path):
+    """A format-1 export (no prompt_context / context_decoder) runs the whole decoder."""
+    import json
+
+    from cellsam_trt.export.onnx_export import MANIFEST
+
+    manifest = json.loads((tiny_export / MANIFEST).read_text())
+    for name in S.CONTEXT_GRAPHS:
+        del manifest["models"][name]
+    manifest["format_version"] = 1
+    for entry in manifest["models"].values():
+        for f in [entry["file"]] + ([entry["int8"]["file"]] if "int8" in entry else []):
+            (tmp_path / f).symlink_to(tiny_export / f)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    old = OrtBackend(tmp_path)
+    assert not old.split_decoder and old.decode_chunk == 16
+    emb = np.random.default_rng(5).standard_normal((1, 256, 64, 64)).astype(np.float32)
+    boxes = np.array([[100, 100, 180, 170], [400, 500, 460, 590]], np.float32)
+    a, b = old.decode(emb, boxes=boxes), OrtBackend(tiny_export).decode(emb, boxes=boxes)
+    assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
+    with pytest.raises(ValueError, match="no split decoder"):
+        OrtBackend(tmp_path, split_decoder=True)
+
+
 def test_image_batches_beyond_the_spec_are_split(tiny_export):
     be = OrtBackend(tiny_export)
     max_b = be.specs[S.CELLFINDER].dims()["B"].max

@@ -27,6 +27,18 @@ def test_official_geometry(specs):
     assert tiny[S.CELLFINDER].outputs[0].dims("opt") == (1, 64, 2)
 
 
+def test_split_decoder_specs_chain(specs):
+    """context_decoder takes prompt_context's outputs plus the decoder's prompts, and gives the
+    decoder's outputs."""
+    ctx, cd, dec = specs[S.PROMPT_CONTEXT], specs[S.CONTEXT_DECODER], specs[S.DECODER]
+    assert ctx.inputs == dec.inputs[:1]
+    assert cd.inputs[:4] == ctx.outputs and cd.inputs[4:] == dec.inputs[1:] and cd.outputs == dec.outputs
+    assert [t.dims("opt") for t in ctx.outputs] == [(1, 4096, 256)] + [(1, 4096, 128)] * 3
+    assert cd.dynamic_axes() == dec.dynamic_axes()
+    tiny = S.specs_for_config(CellSAMConfig.tiny())
+    assert tiny[S.PROMPT_CONTEXT].outputs[1].dims("opt")[2] == CellSAMConfig.tiny().sam.out_chans // 2
+
+
 def test_dynamic_axes(specs):
     assert specs[S.ENCODER].dynamic_axes() == {"image": {0: "B"}, "image_embeddings": {0: "B"}}
     assert specs[S.DECODER].dynamic_axes() == {

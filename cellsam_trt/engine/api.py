@@ -270,19 +270,19 @@ class EngineSpec:
 
 def export_on_the_fly(checkpoint, synthetic_seed: int = 0, cache=None, threads: int = 0) -> Path:
     """The export directory of a checkpoint (FP32 graphs, validated at batch 1 and 1 / 5
-    prompts), made once under ``cache``/<sha256 prefix>; concurrent callers each export to a
+    prompts), made once under ``cache``/<sha256 prefix>-v<export format>; concurrent callers each export to a
     temporary folder and the first rename wins."""
     import shutil
     import tempfile
 
-    from ..export.onnx_export import MANIFEST, export_model
+    from ..export.onnx_export import FORMAT_VERSION, MANIFEST, export_model
     from ..model.checkpoint import load_checkpoint, sha256_file
     from ..model.synthetic import default_cache_dir, synthetic_checkpoint
 
     path = Path(checkpoint) if checkpoint else synthetic_checkpoint(synthetic_seed)
     sha = sha256_file(path)
     root = Path(cache) if cache is not None else default_cache_dir() / "exports"
-    dest = root / sha[:16]
+    dest = root / f"{sha[:16]}-v{FORMAT_VERSION}"  # a newer export format gets a fresh export
     if (dest / MANIFEST).is_file():
         return dest
     root.mkdir(parents=True, exist_ok=True)

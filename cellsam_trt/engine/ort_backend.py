@@ -7,6 +7,11 @@ Implements ``engine.base.Backend`` on NumPy float32 in the 1024 frame:
 * ``decode``: one embedding (1, 256, 64, 64) and N box and/or point prompts -> low-res logits
   (N, 256, 256) float32, IoU predictions (N,) float32, in calls of ``decode_chunk`` prompts;
   the prompts become the decoder graph's points-with-label-codes (``export.wrappers.prompt_tokens``).
+  On the CPU, where the export has them, the split decoder runs (``specs.CONTEXT_GRAPHS``): the
+  image side once per call, then one prompt per call by default. Measured on a 2-core Zen 5
+  (``benchmarks/bench_cpu.py``): ~15 ms per box, against ~24 ms in calls of 16 prompts of the
+  whole decoder, whose per-image part is repeated per call and whose (16, 4096, 256)
+  intermediates are fresh, page-faulted allocations every call (ORT's CPU arena is off).
 
 Every call's inputs are checked against the graph's spec from the manifest
 (``export.specs.InputSpecError`` names the offending input). ``adv_mode`` and ``has_detector``
@@ -47,7 +52,10 @@ class OrtConfig:
     threads: intra-op threads (0 = ONNX Runtime's default, the physical cores).
     graph_optimization: "disable", "basic", "extended" or "all".
     precision: "fp32" or "int8" (the dynamic-INT8 image encoder / CellFinder of the export, CPU).
-    decode_chunk: prompts per decoder call (memory grows ~30 MB per prompt on CPU).
+    decode_chunk: prompts per decoder call; 0 = 1 for the split decoder on the CPU, 16 otherwise
+      (memory grows ~30 MB per prompt on CPU).
+    split_decoder: run ``prompt_context`` + ``context_decoder`` instead of ``prompt_decoder``;
+      None = on the CPU provider when the export has them.
     device_id: GPU for the CUDA / TensorRT providers.
     trt_fp16: let the TensorRT provider build FP16 engines; trt_cache_dir: where it caches them.
     """
@@ -56,7 +64,8 @@ class OrtConfig:
     threads: int = 0
     graph_optimization: str = "all"
     precision: str = "fp32"
-    decode_chunk: int = 16
+    decode_chunk: int = 0
+    split_decoder: bool | None = None
     device_id: int = 0
     trt_fp16: bool = False
     trt_cache_dir: str | None = None
@@ -122,8 +131,8 @@ class OrtBackend:
             raise ValueError(f"precision must be 'fp32' or 'int8', got {cfg.precision!r}")
         if cfg.graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {_OPT_LEVELS}, got {cfg.graph_optimization!r}")
-        if cfg.decode_chunk < 1:
-            raise ValueError("decode_chunk must be >= 1")
+        if cfg.decode_chunk < 0:
+            raise ValueError("decode_chunk must be >= 1 (or 0: the default)")
         self.config = cfg
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
@@ -136,6 +145,12 @@ class OrtBackend:
             missing = [k for k in (S.ENCODER, S.CELLFINDER) if k in self.specs and "int8" not in self.manifest["models"][k]]
             if missing:
                 raise ValueError(f"{self.model_dir}: no INT8 graphs for {missing} (export with --int8)")
+        has_split = all(k in self.specs for k in S.CONTEXT_GRAPHS)
+        if cfg.split_decoder and not has_split:
+            raise ValueError(f"{self.model_dir}: the export has no split decoder ({', '.join(S.CONTEXT_GRAPHS)}); "
+                             "export it again with this version")
+        self.split_decoder = has_split and not self.on_gpu if cfg.split_decoder is None else bool(cfg.split_decoder)
+        self.decode_chunk = cfg.decode_chunk or (1 if self.split_decoder else 16)
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -249,12 +264,19 @@ class OrtBackend:
             return np.zeros((0, side, side), np.float32), np.zeros((0,), np.float32)
         emb = np.ascontiguousarray(embedding, dtype=np.float32)
         spec.check_inputs({"image_embeddings": emb, "point_coords": coords[:1], "point_labels": labels[:1]})
-        on_device = {"image_embeddings": self._to_device(emb)} if self.on_gpu else None
-        chunk = min(self.config.decode_chunk, spec.dims()["N"].max)
+        if self.split_decoder:
+            name = S.CONTEXT_DECODER
+            context = self._run(S.PROMPT_CONTEXT, {"image_embeddings": emb})
+            base = dict(zip(self.specs[name].input_names, context))
+            on_device = {k: self._to_device(v) for k, v in base.items()} if self.on_gpu else None
+        else:
+            name, base = S.DECODER, {"image_embeddings": emb}
+            on_device = {"image_embeddings": self._to_device(emb)} if self.on_gpu else None
+        chunk = min(self.decode_chunk, self.specs[name].dims()["N"].max)
         logits, ious = [], []
         for s in range(0, n, chunk):
-            lr, iou = self._run(S.DECODER, {"image_embeddings": emb, "point_coords": coords[s:s + chunk],
-                                            "point_labels": labels[s:s + chunk]}, on_device)
+            lr, iou = self._run(name, {**base, "point_coords": coords[s:s + chunk],
+                                       "point_labels": labels[s:s + chunk]}, on_device)
             logits.append(lr[:, 0])
             ious.append(iou[:, 0])
         return np.concatenate(logits), np.concatenate(ious)

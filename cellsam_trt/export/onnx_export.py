@@ -5,6 +5,9 @@
     image_encoder.onnx      image (B,3,1024,1024) -> image_embeddings (B,256,64,64)
     prompt_decoder.onnx     image_embeddings (1,256,64,64), point_coords (N,P,2), point_labels (N,P)
                             -> low_res_masks (N,1,256,256), iou_predictions (N,1)
+    prompt_context.onnx     the same decoder split in two (written with it): image_embeddings ->
+    context_decoder.onnx    the image-side tensors, once per image; those + the prompts -> the
+                            same outputs (``specs.CONTEXT_GRAPHS``, the CPU form)
     cellfinder.onnx         image (B,3,1024,1024) -> pred_logits (B,Q,2), pred_boxes (B,Q,4)
     *.int8.onnx             optional ORT dynamic-INT8 versions of the two ViT-B graphs
     manifest.json           specs, file hashes, checkpoint sha256, adv_mode, versions, the
@@ -38,13 +41,15 @@ from .. import __version__
 from ..model.checkpoint import sha256_file
 from . import specs as S
 from .trt_compat import assert_trt_compatible
-from .wrappers import CellFinderGraph, EncoderGraph, PromptDecoderGraph, prompt_tokens
+from .wrappers import (CellFinderGraph, ContextDecoderGraph, EncoderGraph, PromptContextGraph, PromptDecoderGraph,
+                       prompt_tokens)
 
 OPSET = 17
 IR_VERSION = 10  # onnx 1.23 writes IR 14, which onnxruntime 1.31 rejects
 MANIFEST = "manifest.json"
 FORMAT = "cellsam-trt-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder's split form (specs.CONTEXT_GRAPHS) is written with it
+READABLE_VERSIONS = (1, 2)  # a v1 export runs, with the whole decoder only
 DEFAULT_TOL = 1e-4  # max |ort - torch| / max(1, max |torch|) per output
 
 
@@ -214,6 +219,18 @@ def _decoder_cases(sam, embedding: np.ndarray, counts: Sequence[int], seed: int)
     return cases
 
 
+def _context_decoder_cases(decoder: PromptDecoderGraph, spec: S.ModelSpec, cases: Sequence[Case]) -> list[Case]:
+    """The decoder's cases with the embedding replaced by its (PyTorch) context; same references."""
+    out = []
+    for c in cases:
+        with torch.no_grad():
+            ctx = decoder.context(torch.from_numpy(c.feeds["image_embeddings"]))
+        feeds = dict(zip(spec.input_names, [t.numpy() for t in ctx]))
+        feeds.update(point_coords=c.feeds["point_coords"], point_labels=c.feeds["point_labels"])
+        out.append(Case(c.name, feeds, c.reference))
+    return out
+
+
 def versions() -> dict[str, str | None]:
     out = {"cellsam_trt": __version__, "python": platform.python_version(), "numpy": np.__version__,
            "torch": torch.__version__, "onnx": onnx.__version__}
@@ -259,6 +276,9 @@ def export_model(
     unknown = set(parts) - set(S.MODEL_NAMES)
     if unknown:
         raise ValueError(f"unknown graph names {sorted(unknown)} (known: {S.MODEL_NAMES})")
+    if S.DECODER in parts:  # its split form goes with it
+        i = parts.index(S.DECODER) + 1
+        parts = parts[:i] + list(S.CONTEXT_GRAPHS) + parts[i:]
     sam = model.mask_sam.eval()
     base_meta = {
         "cellsam_trt.version": __version__,
@@ -288,8 +308,15 @@ def export_model(
                 if embedding is None:
                     embedding = np.random.default_rng(3).standard_normal((1, cfg.sam.out_chans, cfg.sam.grid_size,
                                                                           cfg.sam.grid_size)).astype(np.float32)
-                graph = PromptDecoderGraph(sam)
-                cases = _decoder_cases(sam, embedding, decoder_prompts, seed=2)
+                graph = decoder_graph = PromptDecoderGraph(sam)
+                cases = decoder_cases = _decoder_cases(sam, embedding, decoder_prompts, seed=2)
+            elif name == S.PROMPT_CONTEXT:
+                graph = PromptContextGraph(decoder_graph)
+                cases = [Case("embedding", {"image_embeddings": embedding},
+                              lambda g=graph: g(torch.from_numpy(embedding)))]
+            elif name == S.CONTEXT_DECODER:
+                graph = ContextDecoderGraph(decoder_graph)
+                cases = _context_decoder_cases(decoder_graph, spec, decoder_cases)
             else:
                 graph = CellFinderGraph(model.finder.eval())
                 cases = _image_cases(graph, image_batches, seed=4)
@@ -350,9 +377,9 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: invalid JSON: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         raise ManifestError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
-                            f"(expected {FORMAT!r} v{FORMAT_VERSION})")
+                            f"(expected {FORMAT!r} v{' or v'.join(map(str, READABLE_VERSIONS))})")
     for name, entry in manifest.get("models", {}).items():
         for f in [entry["file"]] + ([entry["int8"]["file"]] if "int8" in entry else []):
             if not (Path(model_dir) / f).is_file():

@@ -24,6 +24,16 @@ Graphs (all float32 unless stated; coordinates in the 1024 x 1024 model frame):
 ``cellfinder``
     image (B, 3, 1024, 1024) normalised CellFinder input -> pred_logits (B, Q, 2),
     pred_boxes (B, Q, 4) cxcywh in [0, 1] (Q = 3500 for the official model).
+
+The same decoder, split at its per-image part (``CONTEXT_GRAPHS``, what the CPU runs: the
+image side once per image, then the prompts in small calls whose working set stays in cache):
+
+``prompt_context``
+    image_embeddings (1, 256, 64, 64) -> image_tokens (1, 4096, 256), t2i_keys,
+    t2i_values, i2t_queries (1, 4096, 128) (the first two-way layer's image-side projections).
+``context_decoder``
+    those four, point_coords (N, P, 2), point_labels (N, P) -> low_res_masks (N, 1, 256, 256),
+    iou_predictions (N, 1), as ``prompt_decoder``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,9 @@ ENCODER = "image_encoder"
 DECODER = "prompt_decoder"
 CELLFINDER = "cellfinder"
 MODEL_NAMES = (ENCODER, DECODER, CELLFINDER)
+PROMPT_CONTEXT = "prompt_context"
+CONTEXT_DECODER = "context_decoder"
+CONTEXT_GRAPHS = (PROMPT_CONTEXT, CONTEXT_DECODER)  # exported with the decoder, run by ORT on CPU
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -221,7 +234,8 @@ class Bounds:
 
 def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_queries: int = 3500,
                 num_classes: int = 2, bounds: Bounds | None = None) -> dict[str, ModelSpec]:
-    """The three specs for a model geometry (the defaults are the official CellSAM)."""
+    """The specs of every graph (``MODEL_NAMES`` + ``CONTEXT_GRAPHS``) for a model geometry (the
+    defaults are the official CellSAM)."""
     b = bounds or Bounds()
     batch = Dim("B", 1, 1, b.max_images)
     det_batch = Dim("B", 1, 1, b.max_detector_images)
@@ -247,6 +261,21 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
         ),
         "SAM prompt encoder + mask decoder (single-mask output), image side broadcast over N prompts",
     )
+    hw, half = grid * grid, embed_dim // 2
+    context_tensors = (
+        TensorSpec("image_tokens", "float32", (1, hw, embed_dim), "embedding + no-mask embedding, token-major"),
+        TensorSpec("t2i_keys", "float32", (1, hw, half), "first layer's token->image key projection"),
+        TensorSpec("t2i_values", "float32", (1, hw, half), "first layer's token->image value projection"),
+        TensorSpec("i2t_queries", "float32", (1, hw, half), "first layer's image->token query projection"),
+    )
+    context = ModelSpec(
+        PROMPT_CONTEXT, f"{PROMPT_CONTEXT}.onnx", (decoder.inputs[0],), context_tensors,
+        "per-image part of the prompt decoder (computed once per image)",
+    )
+    context_decoder = ModelSpec(
+        CONTEXT_DECODER, f"{CONTEXT_DECODER}.onnx", context_tensors + decoder.inputs[1:], decoder.outputs,
+        "per-prompt part of the prompt decoder, given the image's prompt_context",
+    )
     finder = ModelSpec(
         CELLFINDER, f"{CELLFINDER}.onnx",
         (TensorSpec("image", "float32", (det_batch, 3, img_size, img_size), "normalised CellFinder input"),),
@@ -256,7 +285,8 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
         ),
         "CellFinder (AnchorDETR on a SAM ViT-B trunk)",
     )
-    return {ENCODER: encoder, DECODER: decoder, CELLFINDER: finder}
+    return {ENCODER: encoder, DECODER: decoder, CELLFINDER: finder,
+            PROMPT_CONTEXT: context, CONTEXT_DECODER: context_decoder}
 
 
 def specs_for_config(cfg, bounds: Bounds | None = None) -> dict[str, ModelSpec]:

@@ -184,10 +184,11 @@ class PromptDecoderGraph(nn.Module):
         return probs @ u
 
     def _i2t_shared(self, att: Attention, q_img: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Image tokens attend to prompt tokens, image side shared: q_img (1, HW, C); k, v (N, T, C)."""
+        """Image tokens attend to prompt tokens, image side shared: q_img (1, HW, C/2) the image
+        tokens' query projection (``context``); k, v (N, T, C)."""
         h = att.num_heads
         n, t, _ = k.shape
-        qh = _heads(att.q_proj(q_img), h)  # (1, h, HW, d), once per image
+        qh = _heads(q_img, h)  # (1, h, HW, d), once per image
         kh = _heads(att.k_proj(k), h) * (1.0 / math.sqrt(qh.shape[-1]))  # (N, h, T, d)
         probs = (qh @ kh.transpose(-2, -1)).softmax(-1).permute(0, 2, 1, 3).reshape(n, -1, h * t)  # (N, HW, hT)
         return self._i2t_output(att, probs, v)
@@ -208,24 +209,40 @@ class PromptDecoderGraph(nn.Module):
         probs = (q_img @ b + c).reshape(n, hw, h, t).softmax(-1).reshape(n, hw, h * t)
         return self._i2t_output(att, probs, v)
 
-    # -- whole decoder -------------------------------------------------------------------------
-    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+    # -- image side (once per image) ----------------------------------------------------------
+    def context(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(1, C, g, g) -> what the first two-way layer needs of the image, shared by all prompts:
+        image_tokens (1, HW, C) (embedding + no-mask embedding, token-major), t2i_keys and
+        t2i_values (1, HW, C/2) (its token->image key / value projections), i2t_queries
+        (1, HW, C/2) (its image->token query projection)."""
+        l1 = self.md.transformer.layers[0]
+        src = (image_embeddings + self.pe.no_mask_embed.weight.reshape(1, -1, 1, 1)).flatten(2).transpose(1, 2)
+        k_img = src + self.image_pe
+        t2i, i2t = l1.cross_attn_token_to_image, l1.cross_attn_image_to_token
+        return src, t2i.k_proj(k_img), t2i.v_proj(src), i2t.q_proj(k_img)
+
+    # -- prompt side -----------------------------------------------------------------------------
+    def decode_context(self, src: torch.Tensor, t2i_keys: torch.Tensor, t2i_values: torch.Tensor,
+                       i2t_queries: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+        """The N prompts of one image given its ``context``: -> low_res_masks (N, 1, 4g, 4g),
+        iou_predictions (N, 1)."""
         md = self.md
         tr = md.transformer
         sparse = self.embed_prompts(point_coords, point_labels)
         n = sparse.shape[0]
         tokens = torch.cat([self.out_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)  # (N, T, C)
-        src = image_embeddings + self.pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        src = src.flatten(2).transpose(1, 2)  # (1, HW, C)
         pos = self.image_pe
 
-        # first two-way layer (no PE on the first self-attention): the image side is shared
+        # first two-way layer (no PE on the first self-attention), image-side projections given
         l1 = tr.layers[0]
         queries = l1.norm1(l1.self_attn(tokens, tokens, tokens))
-        k_img = src + pos
-        queries = l1.norm2(queries + l1.cross_attn_token_to_image(queries + tokens, k_img, src))
+        att = l1.cross_attn_token_to_image
+        h = att.num_heads
+        qh = _heads(att.q_proj(queries + tokens), h) * (1.0 / math.sqrt(t2i_keys.shape[-1] // h))  # (N, h, T, d)
+        o = (qh @ _heads(t2i_keys, h).transpose(-2, -1)).softmax(-1) @ _heads(t2i_values, h)  # (N, h, T, d)
+        queries = l1.norm2(queries + att.out_proj(o.transpose(1, 2).reshape(n, -1, o.shape[1] * o.shape[-1])))
         queries = l1.norm3(queries + l1.mlp(queries))
-        keys = l1.norm4(src + self._i2t_shared(l1.cross_attn_image_to_token, k_img, queries + tokens, queries))
+        keys = l1.norm4(src + self._i2t_shared(l1.cross_attn_image_to_token, i2t_queries, queries + tokens, queries))
 
         for layer in tr.layers[1:]:
             q = queries + tokens
@@ -235,6 +252,9 @@ class PromptDecoderGraph(nn.Module):
             queries = layer.norm3(queries + layer.mlp(queries))
             keys = layer.norm4(keys + self._i2t(layer.cross_attn_image_to_token, k_img, queries + tokens, queries))
 
+        # only the IoU token (0) and the first mask token (1) are read after the final attention,
+        # and it (and its LayerNorm) acts per token: the other T - 2 query rows are not computed
+        queries, tokens = queries[:, :2], tokens[:, :2]
         queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, queries + tokens, keys + pos, keys))
 
         # upscaling, channel-last 2-D GEMMs (bias fused): (N*HW, C) -> (N*HW*4, C/4) -> (N*HW*16, C/8)
@@ -247,3 +267,31 @@ class PromptDecoderGraph(nn.Module):
         masks = m.permute(0, 1, 3, 5, 2, 4, 6).reshape(n, 1, 4 * g, 4 * g)
         iou = md.iou_prediction_head(queries[:, 0, :])[:, 0:1]
         return masks, iou
+
+    # -- whole decoder -------------------------------------------------------------------------
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+        return self.decode_context(*self.context(image_embeddings), point_coords, point_labels)
+
+
+class PromptContextGraph(nn.Module):
+    """image_embeddings (1, C, g, g) -> image_tokens (1, HW, C), t2i_keys, t2i_values,
+    i2t_queries (1, HW, C/2): ``PromptDecoderGraph.context``, the decoder's per-image part."""
+
+    def __init__(self, decoder: PromptDecoderGraph) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_embeddings: torch.Tensor):
+        return self.decoder.context(image_embeddings)
+
+
+class ContextDecoderGraph(nn.Module):
+    """The decoder's per-prompt part: ``PromptContextGraph``'s four outputs, point_coords (N, P, 2),
+    point_labels (N, P) -> low_res_masks (N, 1, 4g, 4g), iou_predictions (N, 1)."""
+
+    def __init__(self, decoder: PromptDecoderGraph) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, image_tokens, t2i_keys, t2i_values, i2t_queries, point_coords, point_labels):
+        return self.decoder.decode_context(image_tokens, t2i_keys, t2i_values, i2t_queries, point_coords, point_labels)
