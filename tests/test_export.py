@@ -151,7 +151,7 @@ def test_split_decoder_graphs_match_sam_decode(tiny_export, tiny_model, embeddin
     ctx = _session(tiny_export / m["models"][S.PROMPT_CONTEXT]["file"])
     dec = _session(tiny_export / m["models"][S.CONTEXT_DECODER]["file"])
     context = ctx.run(None, {"image_embeddings": embedding})
-    assert [c.shape for c in context] == [(1, 4096, 256)] + [(1, 4096, 128)] * 3
+    assert [c.shape for c in context] == [(1, 4096, 256), (1, 8, 16, 4096), (1, 8, 4096, 16), (1, 8, 4096, 16)]
     rng = np.random.default_rng(20 + n)
     xy = rng.uniform(0, 900, (n, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(8, 120, (n, 2))], 1).astype(np.float32)

@@ -89,10 +89,36 @@ def test_split_decoder_is_the_cpu_default_and_equals_the_whole_decoder(tiny_expo
         assert a[0].shape == (6, 256, 256)
         assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
         assert np.abs(a[1] - b[1]).max() <= 1e-5
-    assert set(split._sessions) == {S.PROMPT_CONTEXT, S.CONTEXT_DECODER}
     assert set(whole._sessions) == {S.DECODER}
     lr, _ = OrtBackend(tiny_export, decode_chunk=4).decode(emb, boxes=boxes)
     assert np.abs(lr - split.decode(emb, boxes=boxes)[0]).max() <= 1e-5 * max(1.0, np.abs(lr).max())
+
+
+def test_decode_streams_keep_prompt_order_and_values(tiny_export):
+    """2 single-threaded context_decoder sessions take alternate prompts; the result is in prompt
+    order and equals one stream's; one prompt runs on the main session."""
+    two = OrtBackend(tiny_export, threads=2, decode_streams=2)
+    one = OrtBackend(tiny_export, threads=2, decode_streams=1)
+    assert two.decode_streams == 2 and two._stream_threads == 1 and one.decode_streams == 1
+    assert OrtBackend(tiny_export, threads=2).decode_streams == 2  # the CPU default
+    assert OrtBackend(tiny_export, threads=1).decode_streams == 1
+    assert OrtBackend(tiny_export, threads=2, split_decoder=False).decode_streams == 1
+    rng = np.random.default_rng(6)
+    emb = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    xy = rng.uniform(0, 900, (7, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(20, 90, (7, 2))], 1).astype(np.float32)
+    a, b = two.decode(emb, boxes=boxes), one.decode(emb, boxes=boxes)
+    tol = 1e-6 * max(1.0, float(np.abs(b[0]).max()))  # 1 vs 2 intra-op threads: same arithmetic
+    np.testing.assert_allclose(a[0], b[0], rtol=0, atol=tol)
+    np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-6)
+    assert {f"{S.CONTEXT_DECODER}#0", f"{S.CONTEXT_DECODER}#1"} <= set(two._sessions)
+    for i in range(7):  # prompt order: each row is that box decoded alone
+        np.testing.assert_allclose(a[0][i], one.decode(emb, boxes=boxes[i:i + 1])[0][0], rtol=0, atol=tol)
+    with pytest.raises(S.InputSpecError):  # bad prompts are refused before any stream runs
+        two.decode(emb, points=np.zeros((3, 40, 2), np.float32))
+    two.close()
+    assert two._pool is None and not two._sessions
+    np.testing.assert_allclose(two.decode(emb, boxes=boxes)[0], b[0], rtol=0, atol=tol)
 
 
 def test_an_export_without_the_split_decoder_still_runs(tiny_export, tmp_path):

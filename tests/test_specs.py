@@ -33,10 +33,10 @@ def test_split_decoder_specs_chain(specs):
     ctx, cd, dec = specs[S.PROMPT_CONTEXT], specs[S.CONTEXT_DECODER], specs[S.DECODER]
     assert ctx.inputs == dec.inputs[:1]
     assert cd.inputs[:4] == ctx.outputs and cd.inputs[4:] == dec.inputs[1:] and cd.outputs == dec.outputs
-    assert [t.dims("opt") for t in ctx.outputs] == [(1, 4096, 256)] + [(1, 4096, 128)] * 3
+    assert [t.dims("opt") for t in ctx.outputs] == [(1, 4096, 256), (1, 8, 16, 4096), (1, 8, 4096, 16), (1, 8, 4096, 16)]
     assert cd.dynamic_axes() == dec.dynamic_axes()
     tiny = S.specs_for_config(CellSAMConfig.tiny())
-    assert tiny[S.PROMPT_CONTEXT].outputs[1].dims("opt")[2] == CellSAMConfig.tiny().sam.out_chans // 2
+    assert tiny[S.PROMPT_CONTEXT].outputs[1].dims("opt")[1] == CellSAMConfig.tiny().sam.decoder_heads
 
 
 def test_dynamic_axes(specs):

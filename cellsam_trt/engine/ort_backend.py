@@ -8,10 +8,13 @@ Implements ``engine.base.Backend`` on NumPy float32 in the 1024 frame:
   (N, 256, 256) float32, IoU predictions (N,) float32, in calls of ``decode_chunk`` prompts;
   the prompts become the decoder graph's points-with-label-codes (``export.wrappers.prompt_tokens``).
   On the CPU, where the export has them, the split decoder runs (``specs.CONTEXT_GRAPHS``): the
-  image side once per call, then one prompt per call by default. Measured on a 2-core Zen 5
-  (``benchmarks/bench_cpu.py``): ~15 ms per box, against ~24 ms in calls of 16 prompts of the
+  image side once per call, then one prompt per call by default, in ``decode_streams``
+  concurrent streams (2 single-threaded sessions on 2 cores). Measured on a 2-core Zen 5
+  (``benchmarks/bench_cpu.py``): ~18 ms per box, against ~35 ms in calls of 16 prompts of the
   whole decoder, whose per-image part is repeated per call and whose (16, 4096, 256)
-  intermediates are fresh, page-faulted allocations every call (ORT's CPU arena is off).
+  intermediates are fresh, page-faulted allocations every call (ORT's CPU arena is off); two
+  single-threaded streams do not wait on each other inside every small operator, which is what
+  makes the 2-thread session erratic on a shared machine (14-21 ms per box between runs).
 
 Every call's inputs are checked against the graph's spec from the manifest
 (``export.specs.InputSpecError`` names the offending input). ``adv_mode`` and ``has_detector``
@@ -56,6 +59,9 @@ class OrtConfig:
       (memory grows ~30 MB per prompt on CPU).
     split_decoder: run ``prompt_context`` + ``context_decoder`` instead of ``prompt_decoder``;
       None = on the CPU provider when the export has them.
+    decode_streams: concurrent ``context_decoder`` sessions a ``decode`` call spreads its prompt
+      chunks over, each with threads / streams intra-op threads; 0 = 2 for the split decoder on
+      the CPU when there are 2 threads or more, else 1.
     device_id: GPU for the CUDA / TensorRT providers.
     trt_fp16: let the TensorRT provider build FP16 engines; trt_cache_dir: where it caches them.
     """
@@ -66,10 +72,16 @@ class OrtConfig:
     precision: str = "fp32"
     decode_chunk: int = 0
     split_decoder: bool | None = None
+    decode_streams: int = 0
     device_id: int = 0
     trt_fp16: bool = False
     trt_cache_dir: str | None = None
     extra_session_options: dict = field(default_factory=dict)
+
+
+def _cpu_count() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def available_providers() -> list[str]:
@@ -133,6 +145,8 @@ class OrtBackend:
             raise ValueError(f"graph_optimization must be one of {_OPT_LEVELS}, got {cfg.graph_optimization!r}")
         if cfg.decode_chunk < 0:
             raise ValueError("decode_chunk must be >= 1 (or 0: the default)")
+        if cfg.decode_streams < 0:
+            raise ValueError("decode_streams must be >= 1 (or 0: the default)")
         self.config = cfg
         self.model_dir = Path(model_dir)
         self.manifest = read_manifest(self.model_dir)
@@ -151,7 +165,14 @@ class OrtBackend:
                              "export it again with this version")
         self.split_decoder = has_split and not self.on_gpu if cfg.split_decoder is None else bool(cfg.split_decoder)
         self.decode_chunk = cfg.decode_chunk or (1 if self.split_decoder else 16)
+        budget = cfg.threads or _cpu_count()
+        if not self.split_decoder:
+            self.decode_streams = 1
+        else:
+            self.decode_streams = cfg.decode_streams or (2 if budget >= 2 and not self.on_gpu else 1)
+        self._stream_threads = max(1, budget // self.decode_streams)
         self._sessions: dict[str, object] = {}
+        self._pool = None
         self._lock = threading.Lock()
 
     # -- sessions ------------------------------------------------------------------------------
@@ -173,13 +194,15 @@ class OrtBackend:
                 out.append((p, {}))
         return out
 
-    def session(self, name: str):
-        """The ORT session of graph ``name`` (created on first use)."""
-        sess = self._sessions.get(name)
+    def session(self, name: str, stream: int | None = None):
+        """The ORT session of graph ``name`` (created on first use); ``stream`` i: the i-th of
+        the ``decode_streams`` sessions of the split decoder (``_stream_threads`` threads each)."""
+        key = name if stream is None else f"{name}#{stream}"
+        sess = self._sessions.get(key)
         if sess is not None:
             return sess
         with self._lock:
-            if name not in self._sessions:
+            if key not in self._sessions:
                 if name not in self.specs:
                     raise RuntimeError(f"{self.model_dir}: the export has no {name} graph")
                 import onnxruntime as ort
@@ -192,30 +215,45 @@ class OrtBackend:
                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                 }[self.config.graph_optimization]
-                if self.config.threads:
+                if stream is not None:
+                    so.intra_op_num_threads = self._stream_threads
+                elif self.config.threads:
                     so.intra_op_num_threads = self.config.threads
                 for k, v in self.config.extra_session_options.items():
                     so.add_session_config_entry(k, str(v))
                 providers = self._provider_options(name)
-                self._sessions[name] = ort.InferenceSession(
+                self._sessions[key] = ort.InferenceSession(
                     str(self._file(name)), so, providers=[p for p, _ in providers],
                     provider_options=[o for _, o in providers])
-            return self._sessions[name]
+            return self._sessions[key]
 
     def close(self) -> None:
-        """Release the sessions (they are recreated on the next call)."""
+        """Release the sessions and the decode streams' threads (recreated on the next call)."""
         with self._lock:
             self._sessions.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
-    def _run(self, name: str, feeds: dict[str, np.ndarray], on_device: dict | None = None) -> list[np.ndarray]:
-        """Check ``feeds`` against the spec and run. On a GPU provider the inputs are bound with
-        I/O binding; ``on_device`` maps input names to OrtValues already on the device (the
-        embedding shared by all decoder chunks), which replace those feeds."""
+    def _streams(self):
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.decode_streams, thread_name_prefix="cellsam-ort-decode")
+            return self._pool
+
+    def _run(self, name: str, feeds: dict[str, np.ndarray], on_device: dict | None = None,
+             stream: int | None = None) -> list[np.ndarray]:
+        """Check ``feeds`` against the spec and run (on decode stream ``stream``'s session when
+        given). On a GPU provider the inputs are bound with I/O binding; ``on_device`` maps input
+        names to OrtValues already on the device (the embedding shared by all decoder chunks),
+        which replace those feeds."""
         spec = self.specs.get(name)
         if spec is None:
             raise RuntimeError(f"{self.model_dir}: the export has no {name} graph")
         spec.check_inputs(feeds)
-        sess = self.session(name)
+        sess = self.session(name, stream)
         if not self.on_gpu:
             return sess.run(spec.output_names, feeds)
         binding = sess.io_binding()
@@ -273,10 +311,28 @@ class OrtBackend:
             name, base = S.DECODER, {"image_embeddings": emb}
             on_device = {"image_embeddings": self._to_device(emb)} if self.on_gpu else None
         chunk = min(self.decode_chunk, self.specs[name].dims()["N"].max)
-        logits, ious = [], []
-        for s in range(0, n, chunk):
+        starts = list(range(0, n, chunk))
+        out: list = [None] * len(starts)
+
+        def run(i: int, stream: int | None) -> None:
+            s = starts[i]
             lr, iou = self._run(name, {**base, "point_coords": coords[s:s + chunk],
-                                       "point_labels": labels[s:s + chunk]}, on_device)
-            logits.append(lr[:, 0])
-            ious.append(iou[:, 0])
-        return np.concatenate(logits), np.concatenate(ious)
+                                       "point_labels": labels[s:s + chunk]}, on_device, stream)
+            out[i] = (lr[:, 0], iou[:, 0])
+
+        streams = min(self.decode_streams, len(starts))
+        if streams <= 1:
+            for i in range(len(starts)):
+                run(i, None)
+        else:  # stream k takes chunks k, k + streams, ...; results in prompt order
+            def stream_job(k: int) -> None:
+                for i in range(k, len(starts), streams):
+                    run(i, k)
+
+            from concurrent.futures import wait
+
+            futures = [self._streams().submit(stream_job, k) for k in range(streams)]
+            wait(futures)  # all finished before the first error (if any) is raised
+            for f in futures:
+                f.result()
+        return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])

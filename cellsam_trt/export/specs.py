@@ -29,8 +29,9 @@ The same decoder, split at its per-image part (``CONTEXT_GRAPHS``, what the CPU 
 image side once per image, then the prompts in small calls whose working set stays in cache):
 
 ``prompt_context``
-    image_embeddings (1, 256, 64, 64) -> image_tokens (1, 4096, 256), t2i_keys,
-    t2i_values, i2t_queries (1, 4096, 128) (the first two-way layer's image-side projections).
+    image_embeddings (1, 256, 64, 64) -> image_tokens (1, 4096, 256), t2i_keys (1, 8, 16, 4096),
+    t2i_values and i2t_queries (1, 8, 4096, 16) (the first two-way layer's image-side
+    projections, split into its 8 heads).
 ``context_decoder``
     those four, point_coords (N, P, 2), point_labels (N, P) -> low_res_masks (N, 1, 256, 256),
     iou_predictions (N, 1), as ``prompt_decoder``.
@@ -233,7 +234,7 @@ class Bounds:
 
 
 def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_queries: int = 3500,
-                num_classes: int = 2, bounds: Bounds | None = None) -> dict[str, ModelSpec]:
+                num_classes: int = 2, bounds: Bounds | None = None, heads: int = 8) -> dict[str, ModelSpec]:
     """The specs of every graph (``MODEL_NAMES`` + ``CONTEXT_GRAPHS``) for a model geometry (the
     defaults are the official CellSAM)."""
     b = bounds or Bounds()
@@ -261,12 +262,12 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
         ),
         "SAM prompt encoder + mask decoder (single-mask output), image side broadcast over N prompts",
     )
-    hw, half = grid * grid, embed_dim // 2
+    hw, d = grid * grid, embed_dim // 2 // heads
     context_tensors = (
         TensorSpec("image_tokens", "float32", (1, hw, embed_dim), "embedding + no-mask embedding, token-major"),
-        TensorSpec("t2i_keys", "float32", (1, hw, half), "first layer's token->image key projection"),
-        TensorSpec("t2i_values", "float32", (1, hw, half), "first layer's token->image value projection"),
-        TensorSpec("i2t_queries", "float32", (1, hw, half), "first layer's image->token query projection"),
+        TensorSpec("t2i_keys", "float32", (1, heads, d, hw), "first layer's token->image key projection, per head"),
+        TensorSpec("t2i_values", "float32", (1, heads, hw, d), "first layer's token->image value projection, per head"),
+        TensorSpec("i2t_queries", "float32", (1, heads, hw, d), "first layer's image->token query projection, per head"),
     )
     context = ModelSpec(
         PROMPT_CONTEXT, f"{PROMPT_CONTEXT}.onnx", (decoder.inputs[0],), context_tensors,
@@ -293,4 +294,4 @@ def specs_for_config(cfg, bounds: Bounds | None = None) -> dict[str, ModelSpec]:
     """Specs for a ``CellSAMConfig`` (tiny test models included)."""
     return model_specs(img_size=cfg.sam.img_size, embed_dim=cfg.sam.out_chans, grid=cfg.sam.grid_size,
                        num_queries=cfg.cellfinder.num_queries, num_classes=cfg.cellfinder.num_classes,
-                       bounds=bounds)
+                       bounds=bounds, heads=cfg.sam.decoder_heads)

@@ -184,11 +184,11 @@ class PromptDecoderGraph(nn.Module):
         return probs @ u
 
     def _i2t_shared(self, att: Attention, q_img: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Image tokens attend to prompt tokens, image side shared: q_img (1, HW, C/2) the image
+        """Image tokens attend to prompt tokens, image side shared: q_img (1, h, HW, d) the image
         tokens' query projection (``context``); k, v (N, T, C)."""
         h = att.num_heads
         n, t, _ = k.shape
-        qh = _heads(q_img, h)  # (1, h, HW, d), once per image
+        qh = q_img  # (1, h, HW, d), once per image
         kh = _heads(att.k_proj(k), h) * (1.0 / math.sqrt(qh.shape[-1]))  # (N, h, T, d)
         probs = (qh @ kh.transpose(-2, -1)).softmax(-1).permute(0, 2, 1, 3).reshape(n, -1, h * t)  # (N, HW, hT)
         return self._i2t_output(att, probs, v)
@@ -211,15 +211,18 @@ class PromptDecoderGraph(nn.Module):
 
     # -- image side (once per image) ----------------------------------------------------------
     def context(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(1, C, g, g) -> what the first two-way layer needs of the image, shared by all prompts:
-        image_tokens (1, HW, C) (embedding + no-mask embedding, token-major), t2i_keys and
-        t2i_values (1, HW, C/2) (its token->image key / value projections), i2t_queries
-        (1, HW, C/2) (its image->token query projection)."""
+        """(1, C, g, g) -> what the first two-way layer needs of the image, shared by all prompts,
+        in the layouts its products read (no per-prompt transposes): image_tokens (1, HW, C)
+        (embedding + no-mask embedding, token-major), t2i_keys (1, h, d, HW) and t2i_values
+        (1, h, HW, d) (its token->image key / value projections), i2t_queries (1, h, HW, d)
+        (its image->token query projection); h heads of d = C / 2h."""
         l1 = self.md.transformer.layers[0]
         src = (image_embeddings + self.pe.no_mask_embed.weight.reshape(1, -1, 1, 1)).flatten(2).transpose(1, 2)
         k_img = src + self.image_pe
         t2i, i2t = l1.cross_attn_token_to_image, l1.cross_attn_image_to_token
-        return src, t2i.k_proj(k_img), t2i.v_proj(src), i2t.q_proj(k_img)
+        h = t2i.num_heads
+        return (src, _heads(t2i.k_proj(k_img), h).transpose(-2, -1), _heads(t2i.v_proj(src), h),
+                _heads(i2t.q_proj(k_img), h))
 
     # -- prompt side -----------------------------------------------------------------------------
     def decode_context(self, src: torch.Tensor, t2i_keys: torch.Tensor, t2i_values: torch.Tensor,
@@ -238,8 +241,8 @@ class PromptDecoderGraph(nn.Module):
         queries = l1.norm1(l1.self_attn(tokens, tokens, tokens))
         att = l1.cross_attn_token_to_image
         h = att.num_heads
-        qh = _heads(att.q_proj(queries + tokens), h) * (1.0 / math.sqrt(t2i_keys.shape[-1] // h))  # (N, h, T, d)
-        o = (qh @ _heads(t2i_keys, h).transpose(-2, -1)).softmax(-1) @ _heads(t2i_values, h)  # (N, h, T, d)
+        qh = _heads(att.q_proj(queries + tokens), h) * (1.0 / math.sqrt(t2i_values.shape[-1]))  # (N, h, T, d)
+        o = (qh @ t2i_keys).softmax(-1) @ t2i_values  # (N, h, T, d)
         queries = l1.norm2(queries + att.out_proj(o.transpose(1, 2).reshape(n, -1, o.shape[1] * o.shape[-1])))
         queries = l1.norm3(queries + l1.mlp(queries))
         keys = l1.norm4(src + self._i2t_shared(l1.cross_attn_image_to_token, i2t_queries, queries + tokens, queries))
