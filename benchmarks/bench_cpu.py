@@ -391,7 +391,7 @@ def table(result: dict) -> str:
     for name, r in result["runs"].items():
         if "decode_executed" in r.get("gflops", {}):
             rows.append(f"{name} decode: {r['gflops']['decode_executed']:.0f} GFLOP/s executed "
-                        f"({r['fraction_of_ceiling']['decode_executed']:.0%} of the ORT ceiling)")
+                        f"({r['fraction_of_ceiling']['decode_executed']:.0%} of the MatMul ceiling)")
     return "\n".join(rows)
 
 
