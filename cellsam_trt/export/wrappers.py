@@ -183,12 +183,11 @@ class PromptDecoderGraph(nn.Module):
         u = (vh @ wo + att.out_proj.bias * (1.0 / h)).reshape(n, h * t, -1)  # (N, hT, C)
         return probs @ u
 
-    def _i2t_shared(self, att: Attention, q_img: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Image tokens attend to prompt tokens, image side shared: q_img (1, h, HW, d) the image
-        tokens' query projection (``context``); k, v (N, T, C)."""
+    def _i2t_shared(self, att: Attention, qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Image tokens attend to prompt tokens, image side shared: qh (1, h, HW, d) the image
+        tokens' query projection, once per image (``context``); k, v (N, T, C)."""
         h = att.num_heads
         n, t, _ = k.shape
-        qh = q_img  # (1, h, HW, d), once per image
         kh = _heads(att.k_proj(k), h) * (1.0 / math.sqrt(qh.shape[-1]))  # (N, h, T, d)
         probs = (qh @ kh.transpose(-2, -1)).softmax(-1).permute(0, 2, 1, 3).reshape(n, -1, h * t)  # (N, HW, hT)
         return self._i2t_output(att, probs, v)
@@ -277,8 +276,8 @@ class PromptDecoderGraph(nn.Module):
 
 
 class PromptContextGraph(nn.Module):
-    """image_embeddings (1, C, g, g) -> image_tokens (1, HW, C), t2i_keys, t2i_values,
-    i2t_queries (1, HW, C/2): ``PromptDecoderGraph.context``, the decoder's per-image part."""
+    """image_embeddings (1, C, g, g) -> image_tokens (1, HW, C), t2i_keys (1, h, d, HW), t2i_values
+    and i2t_queries (1, h, HW, d): ``PromptDecoderGraph.context``, the decoder's per-image part."""
 
     def __init__(self, decoder: PromptDecoderGraph) -> None:
         super().__init__()
