@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     from cellsam_trt.engine.api import CellSAMEngine
     from cellsam_trt.engine.ort_backend import OrtBackend
     from cellsam_trt.engine.torch_backend import TorchBackend
-    from cellsam_trt.export.onnx_export import MANIFEST
+    from cellsam_trt.runtime.manifest import MANIFEST
     from cellsam_trt.metrics import match_instances
     from cellsam_trt.model.checkpoint import load_checkpoint
     from cellsam_trt.model.synthetic import synthetic_checkpoint

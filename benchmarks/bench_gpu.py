@@ -1,8 +1,9 @@
-"""GPU benchmark: official-style FP32 pipeline vs the PyTorch-CUDA FP16 / BF16 path (same run).
+"""GPU benchmark: official-style FP32 pipeline vs the PyTorch FP16 / BF16 GPU path (same run).
 
     python benchmarks/bench_gpu.py                       # synthetic full-size checkpoint
     python benchmarks/bench_gpu.py --checkpoint cellsam_general.pt --images 20
     python benchmarks/bench_gpu.py --trt-engines engines/   # also the TensorRT backend
+    python benchmarks/bench_gpu.py --images 2 --boxes 100 --warmup 1 --out r/bench.json --results-md r/bench.md
 
 Workload: 1024 x 1024 synthetic fluorescence-like images with ~100 and ~600 cells, given as
 box prompts (the decoder cost scales with the boxes; CellFinder is not timed here because a
@@ -10,13 +11,14 @@ synthetic checkpoint finds no cells).
 
 Configurations, each over the same images:
 
-* ``official-fp32``: ``CellSAMPipeline`` on ``TorchBackend`` FP32 eager with one mask-decoder
-  call per box (``decode_chunk=1``, as the official code loops over boxes), NumPy label
-  assembly, one image after the other;
-* ``ours-fp16`` / ``ours-bf16`` (and ``ours-fp32``): ``GpuPipeline`` (overlapped stages, label
-  assembly on the device) on ``TorchCudaBackend`` (autocast with FP32 islands, SDPA, CUDA
-  graphs for the encoder);
-* ``trt`` (with ``--trt-engines``): ``GpuPipeline`` on ``TrtBackend``.
+* ``official-fp32``: the pipeline's stages (``cellsam_trt.pipeline``) in sequence on
+  ``TorchBackend`` FP32 eager (no SDPA, no CUDA graphs, TF32 off) with one mask-decoder call
+  per box (``decode_chunk=1``, as the official code loops over boxes), NumPy label assembly,
+  one image after the other;
+* ``ours-fp16`` / ``ours-bf16`` (and ``ours-fp32``): the GPU scheduler (``GpuScheduler``:
+  overlapped stages, label assembly on the device) on ``TorchBackend(precision=...)`` (autocast
+  with FP32 islands, SDPA, CUDA graphs for the encoder);
+* ``trt`` (with ``--trt-engines``): the GPU scheduler on ``TrtBackend``.
 
 Reported per configuration and box count: images/s end to end (wall clock over all images,
 after warm-up), per-stage milliseconds (mean per image; for the overlapped pipeline the stages
@@ -115,15 +117,25 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _gpu_scheduler():
+    """The GPU scheduler class (``cellsam_trt.scheduler.GpuScheduler`` or ``cellsam_trt.gpu_scheduler``)."""
+    try:
+        from cellsam_trt.scheduler import GpuScheduler
+    except ImportError:
+        from cellsam_trt.gpu_scheduler import GpuScheduler
+    return GpuScheduler
+
+
 def run_official(model, images, boxes, warmup: int, device: str = "cuda") -> tuple[dict, list[np.ndarray]]:
     """Sequential FP32 eager pipeline, one decoder call per box; per-stage times."""
+    from cellsam_trt import pipeline as P
     from cellsam_trt.engine.torch_backend import TorchBackend
-    from cellsam_trt.pipeline import CellSAMPipeline
 
-    backend = TimedBackend(TorchBackend(model, device=device, decode_chunk=1))
-    pipe = CellSAMPipeline(backend)
+    backend = TimedBackend(TorchBackend(model, device=device, precision="fp32", sdpa=False, cuda_graphs=False,
+                                        decode_chunk=1))
+    settings = P.SegmentSettings()
     for i in range(warmup):
-        pipe.segment(images[i % len(images)], boxes=boxes[i % len(images)])
+        P.segment(backend, images[i % len(images)], P.Prompts(boxes=boxes[i % len(images)]), settings)
     backend.seconds = dict.fromkeys(backend.seconds, 0.0)
     pre = post = 0.0
     labels = []
@@ -131,11 +143,11 @@ def run_official(model, images, boxes, warmup: int, device: str = "cuda") -> tup
     t_all = time.perf_counter()
     for img, b in zip(images, boxes):
         t0 = time.perf_counter()
-        _, sq = pipe.preprocess(img)
+        prepared = P.prepare(img, settings)
         pre += time.perf_counter() - t0
         t1 = time.perf_counter()
         enc_before, dec_before = backend.seconds["encode"], backend.seconds["decode"]
-        res = pipe.segment_prepared(sq, img.shape[0], img.shape[1], boxes=b)
+        res = P.segment_prepared(backend, prepared, P.Prompts(boxes=b), settings)
         inner = backend.seconds["encode"] - enc_before + backend.seconds["decode"] - dec_before
         post += time.perf_counter() - t1 - inner
         labels.append(res.labels)
@@ -147,21 +159,23 @@ def run_official(model, images, boxes, warmup: int, device: str = "cuda") -> tup
 
 
 def run_overlapped(backend, images, boxes, warmup: int, device: str = "cuda") -> tuple[dict, list[np.ndarray]]:
-    from cellsam_trt.engine.gpu_pipeline import GpuPipeline
+    """The GPU scheduler over all images (after ``warmup`` images through it)."""
+    from cellsam_trt import pipeline as P
 
-    gp = GpuPipeline(backend)
-    prompts = [{"boxes": b} for b in boxes]
-    gp.segment_many(images[:warmup] or images[:1], prompts[:warmup] or prompts[:1])
+    GpuScheduler = _gpu_scheduler()
+    sched = GpuScheduler(backend, P.SegmentSettings())
+    prompts = [P.Prompts(boxes=b) for b in boxes]
+    list(sched.run(images[:warmup] or images[:1], prompts[:warmup] or prompts[:1]))
     _sync(device)
     t0 = time.perf_counter()
-    results = gp.segment_many(images, prompts)
+    results = list(sched.run(images, prompts))
     wall = time.perf_counter() - t0
-    errors = [str(r.error) for r in results if not r.ok]
+    errors = [repr(r.error) for r in results if not r.ok]
     if errors:
         raise RuntimeError(f"{len(errors)} image(s) failed: {errors[:3]}")
     n = len(images)
-    stages = {s: float(np.mean([r.timings.get(s, 0.0) for r in results])) * 1e3 for s in GpuPipeline.STAGES}
-    return {"images_per_s": n / wall, "stage_ms": stages, "wall_s": wall}, [r.result.labels for r in results]
+    stages = {s: float(np.mean([r.timings.get(s, 0.0) for r in results])) * 1e3 for s in GpuScheduler.STAGES}
+    return {"images_per_s": n / wall, "stage_ms": stages, "wall_s": wall}, [r.segmentation.labels for r in results]
 
 
 def agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
@@ -200,7 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=10, help="images per box count")
     p.add_argument("--boxes", type=int, nargs="+", default=[100, 600])
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
+    p.add_argument("--precisions", "--dtypes", nargs="+", default=["fp16", "bf16", "fp32"],
+                   help="torch backend precisions (fp16, bf16, fp32; float16 / bfloat16 / float32 accepted)")
     p.add_argument("--trt-engines", help="also run the TensorRT backend on these engines")
     p.add_argument("--out", default=str(HERE / "bench_gpu.json"))
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
@@ -216,12 +231,17 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    from cellsam_trt.engine.torch_cuda_backend import TorchCudaBackend
+    from cellsam_trt.engine.base import BackendError
+    from cellsam_trt.engine.torch_backend import TorchBackend
     from cellsam_trt.model.checkpoint import load_checkpoint
     from cellsam_trt.model.synthetic import synthetic_checkpoint
 
     path = args.checkpoint or synthetic_checkpoint(args.synthetic_seed)
     model = load_checkpoint(path).model.eval()
+    short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+    precisions = [short.get(d, d) for d in args.precisions]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results_md).parent.mkdir(parents=True, exist_ok=True)
     report = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
               "checkpoint": str(path), "images": args.images, "warmup": args.warmup, "results": []}
     for n_boxes in args.boxes:
@@ -230,19 +250,18 @@ def main(argv=None) -> int:
         print(f"{n_boxes} boxes: official-fp32 ...", file=sys.stderr)
         base, ref_labels = run_official(model, images, boxes, args.warmup)
         report["results"].append(dict(base, config="official-fp32", boxes=n_boxes, speedup=1.0))
-        short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-        configs = [(f"ours-{short.get(d, d)}", lambda d=d: TorchCudaBackend(model, device="cuda", dtype=d))
-                   for d in args.dtypes]
+        configs = [(f"ours-{p}", lambda p=p: TorchBackend(model, device="cuda", precision=p)) for p in precisions]
         if args.trt_engines:
             from cellsam_trt.engine.trt_backend import TrtBackend
 
             configs.append(("trt", lambda: TrtBackend(args.trt_engines)))
         for name, make in configs:
-            if "bf16" in name and not torch.cuda.is_bf16_supported():
-                print(f"  {name}: skipped (no BF16 on this GPU)", file=sys.stderr)
+            try:
+                backend = make()
+            except BackendError as e:  # e.g. BF16 on a GPU without it
+                print(f"  {name}: skipped ({e})", file=sys.stderr)
                 continue
             print(f"{n_boxes} boxes: {name} ...", file=sys.stderr)
-            backend = make()
             res, labels = run_overlapped(backend, images, boxes, args.warmup)
             res.update(config=name, boxes=n_boxes, speedup=res["images_per_s"] / base["images_per_s"],
                        agreement=agreement(ref_labels, labels))

@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
+import logging
 import os
 import platform
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from . import io as cio
-from .preprocess import select_channels
+from . import outputs
+from .api import CellSAM, EngineSpec, LoadError
+from .export.cli import add_export_parser
+from .export.trt_cli import add_build_parser
+from .pipeline import Channels, Prompts, SegmentSettings
 
 FORMATS = ("tif", "npy", "png")
 
@@ -44,42 +52,49 @@ def _expand_inputs(inputs: list[str], slides: bool = False) -> list[Path]:
     return out
 
 
-def engine_spec(args):
-    """The ``EngineSpec`` the options name: ``--model DIR`` (an export: ONNX Runtime by
-    default) or a checkpoint / synthetic seed (the PyTorch reference)."""
-    from .engine.api import EngineSpec
-    from .pipeline import SegmentSettings
+NO_MODEL = ("cellsam-trt: no model given. Name one with --model: an export directory (cellsam-trt export), a "
+            "TensorRT engine directory (cellsam-trt build) or a checkpoint file; --synthetic-seed N runs the synthetic "
+            "test checkpoint (random weights, not for real images); `cellsam-trt demo` runs a self-contained example")
 
-    settings = SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
-                               channel_axis=args.channel_axis)
-    model_dir = getattr(args, "model", None)
-    if model_dir is None and args.backend == "trt":
-        raise SystemExit("cellsam-trt: backend 'trt' needs an engine directory (--model DIR, made by cellsam-trt build)")
-    return EngineSpec(model_dir=None if model_dir is None else str(model_dir), backend=args.backend,
-                      checkpoint=None if args.checkpoint is None else str(args.checkpoint),
-                      synthetic_seed=args.synthetic_seed, settings=settings, threads=args.threads, device=args.device,
+
+def _model_path(args) -> str:
+    """The model the options name (``--model`` / ``--checkpoint`` / ``--synthetic-seed``), or exit."""
+    model = getattr(args, "model", None) or getattr(args, "checkpoint", None)
+    if model is not None:
+        return str(model)
+    if getattr(args, "synthetic_seed", None) is not None:
+        if importlib.util.find_spec("torch") is None:
+            raise SystemExit("cellsam-trt: --synthetic-seed needs PyTorch to make the synthetic checkpoint: "
+                             "pip install 'cellsam-trt[torch]'")
+        from .model.synthetic import synthetic_checkpoint
+
+        return str(synthetic_checkpoint(args.synthetic_seed))
+    raise SystemExit(NO_MODEL)
+
+
+def settings_from_args(args) -> SegmentSettings:
+    return SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
+                           channels=Channels(getattr(args, "nuclear_channel", None),
+                                             getattr(args, "wholecell_channel", None), args.channel_axis))
+
+
+def engine_spec(args) -> EngineSpec:
+    """The ``api.EngineSpec`` (a picklable ``CellSAM.load`` recipe) the options name."""
+    return EngineSpec(model=_model_path(args), backend=args.backend, device=args.device, precision=args.precision,
+                      threads=args.threads, settings=settings_from_args(args),
                       export_cache=None if args.export_cache is None else str(args.export_cache))
 
 
-def _build_engine(spec):
-    """-> (engine, description of the model for the run summary)."""
-    import importlib.util
-
-    if spec.model_dir is None and importlib.util.find_spec("torch") is None:
-        raise SystemExit("cellsam-trt: the torch backend needs PyTorch (pip install torch, then '.[export]')")
-    from .engine.trt_backend import TrtUnavailable
-
-    if spec.model_dir is None and spec.backend == "ort":
-        print("model: exporting the checkpoint for ONNX Runtime (once; cached)", file=sys.stderr)
+def _build_engine(spec: EngineSpec, **scheduler_options):
+    """-> (CellSAM, description of the model for the run summary); a load failure is one line."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("cellsam_trt").setLevel(logging.INFO)
     try:
-        engine, info = spec.build()
-    except (OSError, ValueError, ImportError, TrtUnavailable) as e:
-        raise SystemExit(f"cellsam-trt: cannot load the model {spec.model_dir or spec.checkpoint or ''}: {e}")
-    if "model" in info:
-        print(f"model: {info['model']} ({info['backend']}, adv mode {info['adv_mode']})", file=sys.stderr)
-    else:
-        print(f"model: {info['checkpoint']} ({info.pop('mode')})", file=sys.stderr)
-    return engine, info
+        model = CellSAM.load(spec.model, spec.backend, spec.device, spec.precision, spec.threads,
+                             settings=spec.settings, export_cache=spec.export_cache, **scheduler_options)
+    except LoadError as e:
+        raise SystemExit(f"cellsam-trt: {e}") from None
+    return model, dict(model.description)
 
 
 def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
@@ -91,19 +106,10 @@ def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
     return paths
 
 
-def _load_for_run(f: Path, args) -> np.ndarray:
-    """Read one input and pick its nuclear / whole-cell channels (runs in a reader thread)."""
-    image = cio.read_image(f)
-    image, _ = select_channels(image, args.channel_axis, args.nuclear_channel, args.wholecell_channel)
-    return image
-
-
-def _write_outputs(res, paths: dict[str, Path], args, min_size: int) -> dict:
-    from . import outputs
-
+def _write_outputs(res, paths: dict[str, Path], args) -> dict:
     cio.write_labels(res.labels, paths["labels"], args.format)
     if "table" in paths or "geojson" in paths:
-        table = outputs.cell_table(res, min_size)
+        table = outputs.cell_table(res)
         if "table" in paths:
             outputs.write_table(table, paths["table"])
         if "geojson" in paths:
@@ -111,29 +117,34 @@ def _write_outputs(res, paths: dict[str, Path], args, min_size: int) -> dict:
     return {"cells": res.n_cells, "shape": list(res.labels.shape)}
 
 
-def _run_images(engine, jobs, boxes, points, args, bar):
-    """Segment ``jobs`` [(file, output paths, summary entry)] with ``segment_many`` (reading and
-    preprocessing ahead, ``--batch-size`` images in flight); yields each finished entry."""
-    from functools import partial
-
-    from .engine.api import Prompts
-
+def _run_images(model, jobs, boxes, points, args, bar):
+    """Segment ``jobs`` [(file, output paths, summary entry)] with ``segment_many`` (read and
+    prepared ahead, ``--batch-size`` images in flight) and write each result in a writer thread
+    behind inference; yields each finished entry in input order."""
     prompt = None if boxes is None and points is None else Prompts(
         boxes, None if points is None else points[0], None if points is None else points[1])
-    results = engine.segment_many((partial(_load_for_run, f, args) for f, _, _ in jobs),
-                                  (prompt for _ in jobs), preprocess_workers=max(1, args.workers),
-                                  max_in_flight=max(1, args.batch_size))
-    for (f, paths, entry), item in zip(jobs, results):
+    results = model.segment_many((f for f, _, _ in jobs), prompt)
+
+    def write(f, paths, entry, item):
         try:
             if item.error is not None:
                 raise item.error
-            entry.update(_write_outputs(item.segmentation, paths, args, engine.pipeline.settings.min_size))
+            entry.update(_write_outputs(item.segmentation, paths, args))
             entry.update(status="ok", seconds=round(item.seconds, 3))
         except Exception as e:  # one bad file must not stop the job
             msg = _error_message(f, e)
             entry.update(status="error", error=msg, seconds=round(item.seconds, 3))
             bar.write(f"error: {msg}", file=sys.stderr)
-        yield entry
+        return entry
+
+    pending: deque = deque()
+    with ThreadPoolExecutor(1, thread_name_prefix="cellsam-write") as writer:
+        for (f, paths, entry), item in zip(jobs, results, strict=True):
+            pending.append(writer.submit(write, f, paths, entry, item))
+            while pending and (pending[0].done() or len(pending) > max(1, args.batch_size)):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _error_message(f: Path, e: BaseException) -> str:
@@ -286,7 +297,7 @@ def cmd_run(args) -> int:
         runner = _SlideRunner(args, spec)
         model_info = {"engine": repr(spec), "tiled": True}
     else:
-        engine, model_info = _build_engine(spec)
+        engine, model_info = _build_engine(spec, readers=max(1, args.workers), max_in_flight=max(1, args.batch_size))
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
         **model_info, "versions": _versions(), "files": [],
@@ -363,8 +374,6 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     """Per-image seconds, one image at a time and pipelined (``segment_many``), on synthetic cells."""
-    from .engine.api import Prompts
-
     engine, model_info = _build_engine(engine_spec(args))
     h, w = args.size
     data = [synthetic_cells(1000 + i, h, w, args.cells) for i in range(args.images)]
@@ -439,12 +448,20 @@ def _add_threshold_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", type=Path, help="export directory (cellsam-trt export), TensorRT engine directory "
+                   "(cellsam-trt build) or checkpoint file")
     g.add_argument("--checkpoint", type=Path, help="CellSAM (or plain SAM) checkpoint file, loaded weights-only")
-    g.add_argument("--synthetic-seed", type=int, default=0, help="use the synthetic checkpoint of this seed")
-    p.add_argument("--backend", choices=("auto", "ort", "torch", "trt"), default="auto")
-    p.add_argument("--device", default="cpu")
+    g.add_argument("--synthetic-seed", type=int, default=None,
+                   help="the synthetic test checkpoint of this seed (random weights: for tests and demos)")
+    p.add_argument("--backend", choices=("auto", "ort", "trt", "torch"), default="auto",
+                   help="auto: engines -> trt; a checkpoint on CUDA -> torch; else ort")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="fp32 (default; an engine directory: its build precision); fp16 / bf16: torch or trt; "
+                   "int8: ort (export --int8) or trt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: CUDA for a checkpoint where "
+                   "PyTorch sees one, the GPU for engines, else the CPU)")
     p.add_argument("--export-cache", type=Path, default=None,
-                   help="where --backend ort keeps the export of a checkpoint (default ~/.cache/cellsam-trt/exports)")
+                   help="where a checkpoint's export for ONNX Runtime is kept (default ~/.cache/cellsam-trt/exports)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
 
 
@@ -456,7 +473,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("inputs", nargs="+")
     run.add_argument("--out", required=True)
     _add_model_options(run)
-    run.add_argument("--model", type=Path, help="export directory (cellsam-trt export): ONNX Runtime by default")
     run.add_argument("--boxes", help='JSON {"boxes": [[x1, y1, x2, y2], ...]} in original pixels (x = column)')
     run.add_argument("--format", choices=FORMATS, default="tif")
     run.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
@@ -497,11 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    from .export.trt_cli import add_build_parser  # TensorRT engines (imports nothing heavy)
     add_build_parser(sub)
     bench = sub.add_parser("bench", help="time the engine on synthetic cell images (JSON with machine info)")
     _add_model_options(bench)
-    bench.add_argument("--model", type=Path, help="export directory (cellsam-trt export): ONNX Runtime by default")
     _add_threshold_options(bench)
     bench.add_argument("--images", type=int, default=4, help="synthetic images to time (4)")
     bench.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"), help="image size (512 512)")
@@ -512,14 +526,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="installed backends, versions and GPUs")
     info.set_defaults(func=cmd_info)
-    from .export.cli import add_export_parser
     add_export_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 some inputs failed, 2 a usage or set-up error (one line on stderr)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -10,32 +10,43 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 from skimage import measure
 
 from .io import atomic_path
-from .pipeline import Segmentation
+from .labels import fill_holes_and_remove_small_masks_with_sources
+
+if TYPE_CHECKING:
+    from .pipeline import Segmentation
 
 TABLE_COLUMNS = ("label", "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col", "area",
                  "centroid_row", "centroid_col", "detection_score", "iou_prediction")
 
 
-def label_sources(labels_raw: np.ndarray, min_size: int) -> np.ndarray:
-    """For each final label 1..K, the raw label (1-based index into the kept masks) it came from.
-
-    The official post-processing keeps raw labels with at least ``min_size`` pixels, in
-    increasing order, and renumbers them 1..K; this recovers that correspondence.
-    """
-    counts = np.bincount(labels_raw.ravel().astype(np.int64))
-    raw = np.flatnonzero(counts)
-    raw = raw[raw > 0]
-    return raw[counts[raw] >= max(min_size, 1)] if min_size > 0 else raw
+def _field(seg, name: str):
+    """``seg.<name>``, else ``seg.details.<name>``, else None."""
+    value = getattr(seg, name, None)
+    if value is None:
+        value = getattr(getattr(seg, "details", None), name, None)
+    return value
 
 
 def cell_table(seg: Segmentation, min_size: int = 25) -> dict[str, np.ndarray]:
-    """Columns of the per-cell table (one row per label of ``seg.labels``)."""
+    """Columns of the per-cell table (one row per label present in ``seg.labels``).
+
+    ``seg``: ``labels`` (H, W) int, the final label map; ``scores`` (M,) or None and
+    ``iou_predictions`` (M,), per kept mask; ``label_sources`` int64 (K,) (on ``seg`` or on
+    ``seg.details``): for each final label 1..K the kept mask (1-based, i.e. its raw label) it
+    came from, as the hole-filling loop resolved it
+    (``labels.fill_holes_and_remove_small_masks_with_sources``). Where the result has no
+    ``label_sources`` (or it is None), they are recomputed with that function from
+    ``labels_raw`` (on ``seg`` or ``seg.details``) and ``min_size``, which must then be the
+    one the labels were made with. Labels without a source (a label map that is not the
+    hole-filling output) get NaN scores.
+    """
     labels = seg.labels
     n = int(labels.max(initial=0))
     idx = np.arange(1, n + 1)
@@ -46,15 +57,32 @@ def cell_table(seg: Segmentation, min_size: int = 25) -> dict[str, np.ndarray]:
     cent = np.array(ndimage.center_of_mass(np.ones_like(labels), labels, idx)).reshape(-1, 2)
     bbox = np.array([[slices[i - 1][0].start, slices[i - 1][1].start, slices[i - 1][0].stop, slices[i - 1][1].stop]
                      for i in idx], dtype=np.int64).reshape(-1, 4)
-    src = label_sources(seg.labels_raw, min_size)[idx - 1] - 1  # index into the kept masks
-    score = seg.scores[src] if seg.scores is not None else np.full(len(idx), np.nan)
-    iou = seg.iou_predictions[src]
+    sources = _field(seg, "label_sources")
+    if sources is None:
+        raw = _field(seg, "labels_raw")
+        if raw is None:
+            raise ValueError("cell_table: the segmentation has neither label_sources nor labels_raw")
+        sources = fill_holes_and_remove_small_masks_with_sources(raw, min_size)[1]
+    sources = np.asarray(sources, np.int64)
+    # index into the kept masks, -1 where a label has no (valid) source
+    src = np.full(len(idx), -1, np.int64)
+    has = idx <= len(sources)
+    src[has] = sources[idx[has] - 1] - 1
+    src[src >= len(seg.iou_predictions)] = -1
+
+    def per_cell(values: np.ndarray | None) -> np.ndarray:
+        out = np.full(len(idx), np.nan)
+        if values is not None:
+            ok = src >= 0
+            out[ok] = np.asarray(values, np.float64)[src[ok]]
+        return out
+
     return {
         "label": idx.astype(np.int64),
         "bbox_min_row": bbox[:, 0], "bbox_min_col": bbox[:, 1], "bbox_max_row": bbox[:, 2], "bbox_max_col": bbox[:, 3],
         "area": np.asarray(area, np.int64),
         "centroid_row": cent[:, 0], "centroid_col": cent[:, 1],
-        "detection_score": np.asarray(score, np.float64), "iou_prediction": np.asarray(iou, np.float64),
+        "detection_score": per_cell(seg.scores), "iou_prediction": per_cell(seg.iou_predictions),
     }
 
 
@@ -105,7 +133,7 @@ def label_polygons(labels: np.ndarray) -> dict[int, list[list[float]]]:
 
 def write_geojson(labels: np.ndarray, dest: str | os.PathLike, table: dict[str, np.ndarray] | None = None) -> Path:
     """QuPath-compatible GeoJSON FeatureCollection: one detection polygon per label."""
-    rows = {int(l): k for k, l in enumerate(table["label"])} if table else {}
+    rows = {int(lab): k for k, lab in enumerate(table["label"])} if table else {}
     features = []
     for label, ring in label_polygons(labels).items():
         props = {"objectType": "detection", "classification": {"name": "Cell"}, "label": label}

@@ -1,15 +1,19 @@
-"""The CellSAM pipeline over any backend: image -> label map.
+"""The CellSAM pipeline's stages, once, as functions over any backend.
 
-read -> preprocess (``preprocess``) -> detect (backend + ``prompts``) -> encode (backend) ->
-decode (backend, all prompts of the image batched) -> assemble labels (``labels``).
+    prepare -> find_prompts -> embed -> decode -> assemble -> finish
 
-Defaults reproduce the official ``segment_cellular_image`` (PIPELINE.md), without its defects:
-no detection or a blank image gives an all-zero label map instead of a crash.
+``segment`` runs them in sequence for one image; the schedulers (``cellsam_trt.scheduler``) run
+the same functions with images overlapped (CPU: threads; GPU: streams, label assembly on the
+device). Defaults reproduce the official ``segment_cellular_image`` (PIPELINE.md) without its
+defects: no detection or a blank image gives an all-zero label map instead of a crash.
+
+Coordinates: prompts from the user are in original-image pixels (x = column, y = row); the
+backend works in the 1024 x 1024 model frame (the image squashed to 1024 x 1024).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -20,63 +24,135 @@ from .engine.base import Backend
 
 
 @dataclass(frozen=True)
+class Channels:
+    """Which planes of a multi-channel image CellSAM sees.
+
+    axis: channel axis of a 3-D image (None: the official rule, the smallest axis).
+    nuclear / wholecell: indices along that axis of the nuclear and whole-cell channels; with
+      neither, the image's channels (at most 3) fill the last of the three slots (blank,
+      nuclear, whole-cell) as the official code does.
+    """
+
+    nuclear: int | None = None
+    wholecell: int | None = None
+    axis: int | None = None
+
+
+@dataclass(frozen=True)
 class SegmentSettings:
     """Thresholds of the official model (defaults) and input handling.
 
     bbox_threshold: CellFinder score threshold before the dynamic adjustment.
     iou_threshold: masks whose predicted IoU is below it are dropped.
-    min_size: labels with fewer pixels are removed after hole filling.
+    min_size: labels with fewer pixels (after hole filling) are removed.
     normalize: percentile clip + CLAHE (the official default).
-    channel_axis: channel axis of a 3-D image; None = the official smallest-axis rule.
+    channels: ``Channels`` (channel axis, nuclear / whole-cell channel).
     """
 
     bbox_threshold: float = 0.4
     iou_threshold: float = 0.5
     min_size: int = 25
     normalize: bool = True
-    channel_axis: int | None = None
+    channels: Channels = Channels()
+
+
+@dataclass
+class Prompts:
+    """Prompts for one image, in original pixels (x = column): boxes (N, 4) XYXY, and/or points
+    (N, P, 2) XY (one prompt of P points per row; a (P, 2) array is one prompt) with
+    point_labels (N, P) (1 cell, 0 background, -1 padding; default all 1). None everywhere:
+    automatic mode (CellFinder finds the cells)."""
+
+    boxes: object = None
+    points: object = None
+    point_labels: object = None
+
+    @property
+    def automatic(self) -> bool:
+        return self.boxes is None and self.points is None
+
+
+@dataclass
+class Details:
+    """What a segmentation went through, for tests, tables and debugging.
+
+    labels_raw: (H, W) int32 label map before hole filling / small-object removal (label k =
+      k-th kept mask, 1-based).
+    label_sources: (K,) int64, for each final label 1..K the raw label it came from.
+    prompt_index: (M,) int64 index of each kept mask in the prompt list.
+    threshold: the dynamic CellFinder threshold (automatic mode), else None.
+    prompts_1024: (N, 4) float32 box prompts in the model frame (None for point prompts).
+    all_iou_predictions: (N,) float32 IoU predictions of every prompt, kept or not.
+    embedding: (1, 256, 64, 64) float32, when asked for.
+    lowres_logits: (N, 256, 256) float32 of every prompt, when asked for (``keep_logits``).
+    detections: raw CellFinder outputs (pred_logits, pred_boxes), when asked for.
+    """
+
+    labels_raw: np.ndarray
+    label_sources: np.ndarray
+    prompt_index: np.ndarray
+    threshold: float | None = None
+    prompts_1024: np.ndarray | None = None
+    all_iou_predictions: np.ndarray | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    lowres_logits: np.ndarray | None = field(default=None, repr=False)
+    detections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 @dataclass
 class Segmentation:
-    """Result for one image.
+    """The result for one image.
 
-    labels: (H, W) int32 final label map (0 = background).
-    labels_raw: (H, W) int32 before hole filling and small-object removal.
-    boxes: (K, 4) float32 XYXY in original pixels of the kept prompts (box prompts; for point
-      prompts, empty).
-    scores: (K,) float32 CellFinder scores of the kept boxes (automatic mode), else None.
-    iou_predictions: (K,) float32 IoU predicted by the mask decoder for the kept masks.
-    prompt_index: (K,) int64 index of each kept mask in the prompt list.
-    embedding: (1, 256, 64, 64) float32 when asked for.
-    threshold: the dynamic score threshold used (automatic mode), else None.
+    labels: (H, W) int32 label map (0 = background, cells 1..K).
+    boxes: (M, 4) float32 XYXY, original pixels, of the kept box prompts (empty for points).
+    scores: (M,) float32 CellFinder scores of the kept masks (automatic mode), else None.
+    iou_predictions: (M,) float32 IoU predicted by the mask decoder for the kept masks.
+    details: ``Details`` (raw labels, which prompt made which cell, thresholds, tensors).
     """
 
     labels: np.ndarray
-    labels_raw: np.ndarray
     boxes: np.ndarray
     scores: np.ndarray | None
     iou_predictions: np.ndarray
-    prompt_index: np.ndarray
-    embedding: np.ndarray | None = None
-    threshold: float | None = None
-    prompts_1024: np.ndarray | None = None
-    all_iou_predictions: np.ndarray | None = None
-    lowres_logits: np.ndarray | None = field(default=None, repr=False)  # (N, 256, 256), keep_logits
-    detections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # raw CellFinder outputs
+    details: Details = field(repr=False)
 
     @property
     def n_cells(self) -> int:
         return int(len(np.unique(self.labels))) - int((self.labels == 0).any())
 
 
-def _empty(h: int, w: int, embedding=None, threshold=None) -> Segmentation:
-    z = np.zeros((h, w), dtype=np.int32)
-    return Segmentation(
-        labels=z, labels_raw=z.copy(), boxes=np.zeros((0, 4), np.float32), scores=None,
-        iou_predictions=np.zeros(0, np.float32), prompt_index=np.zeros(0, np.int64),
-        embedding=embedding, threshold=threshold,
-    )
+@dataclass
+class Prepared:
+    """One image after ``prepare``: the squashed model-frame image (3, 1024, 1024) float32 and
+    the original height and width in pixels."""
+
+    squashed: np.ndarray
+    height: int
+    width: int
+
+
+@dataclass
+class PromptSet:
+    """The prompts of one image in the model frame (``find_prompts``).
+
+    boxes (N, 4) float32 XYXY or None; points (N, P, 2) float32 XY or None with point_labels
+    (N, P) int64; scores (N,) float32 CellFinder scores (automatic mode) or None; threshold:
+    the dynamic threshold (automatic mode); detections: raw CellFinder outputs.
+    """
+
+    boxes: np.ndarray | None = None
+    points: np.ndarray | None = None
+    point_labels: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    threshold: float | None = None
+    detections: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.boxes) if self.boxes is not None else (0 if self.points is None else len(self.points))
+
+
+# --------------------------------------------------------------------------- stages
 
 
 def validate_image(image: np.ndarray) -> np.ndarray:
@@ -91,120 +167,141 @@ def validate_image(image: np.ndarray) -> np.ndarray:
     return image
 
 
-class CellSAMPipeline:
-    """Segments images with a backend (``cellsam_trt.engine``) and the official settings."""
+def prepare(image: np.ndarray, settings: SegmentSettings) -> Prepared:
+    """Image ((H, W) or 3-D with channels, any numeric dtype) -> ``Prepared``: channels picked
+    (``settings.channels``), normalised (percentile clip + CLAHE), squashed to 1024 x 1024."""
+    ch = settings.channels
+    image, axis = pre.select_channels(validate_image(image), ch.axis, ch.nuclear, ch.wholecell)
+    hwc = pre.to_three_channels(image, axis)
+    norm = pre.normalize_image(hwc) if settings.normalize else hwc
+    return Prepared(pre.squashed(norm), norm.shape[0], norm.shape[1])
 
-    def __init__(self, backend: Backend, settings: SegmentSettings | None = None, keep_logits: bool = False) -> None:
-        self.backend = backend
-        self.settings = settings or SegmentSettings()
-        self.keep_logits = keep_logits
 
-    # -- stages ------------------------------------------------------------------------------
-    def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """image -> (normalised (H, W, 3) float64, squashed (3, 1024, 1024) float32)."""
-        hwc = pre.to_three_channels(validate_image(image), self.settings.channel_axis)
-        norm = pre.normalize_image(hwc) if self.settings.normalize else hwc
-        return norm, pre.squashed(norm)
+def detect(backend: Backend, squashed: np.ndarray, settings: SegmentSettings) -> PromptSet:
+    """CellFinder on the squashed image -> its boxes above the dynamic threshold (model frame)."""
+    logits, boxes = backend.detect(pre.cellfinder_input(squashed, backend.adv_mode))
+    scores, _, boxes_1024 = prompt_ops.topk_detections(logits[0], boxes[0])
+    threshold, _ = prompt_ops.dynamic_threshold(scores, settings.bbox_threshold)
+    kept_scores, kept_boxes = prompt_ops.select_boxes(scores, boxes_1024, threshold)
+    return PromptSet(boxes=kept_boxes, scores=kept_scores, threshold=threshold, detections=(logits, boxes))
 
-    def detect(self, squashed: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-        """CellFinder boxes above the dynamic threshold -> (boxes_1024 (K, 4), scores (K,), threshold, raw)."""
-        logits, boxes = self.backend.detect(pre.cellfinder_input(squashed, self.backend.adv_mode))
-        scores, _, boxes_1024 = prompt_ops.topk_detections(logits[0], boxes[0])
-        threshold, _ = prompt_ops.dynamic_threshold(scores, self.settings.bbox_threshold)
-        kept_scores, kept_boxes = prompt_ops.select_boxes(scores, boxes_1024, threshold)
-        return kept_boxes, kept_scores, threshold, (logits, boxes)
 
-    def embed(self, image: np.ndarray) -> np.ndarray | None:
-        """Image -> SAM image embedding (1, 256, 64, 64) float32, or None for a blank image."""
-        _, sq = self.preprocess(image)
-        return self._embed(sq)
-
-    def _embed(self, squashed: np.ndarray) -> np.ndarray | None:
-        try:
-            enc_in = pre.sam_encoder_input(squashed, self.backend.adv_mode)
-        except pre.BlankImageError:
+def find_prompts(backend: Backend, prepared: Prepared, prompts: Prompts | None,
+                 settings: SegmentSettings) -> PromptSet | None:
+    """The image's prompts in the model frame: the user's (scaled), or CellFinder's in automatic
+    mode. None in automatic mode on a blank image (nothing to detect)."""
+    p = prompts or Prompts()
+    h, w = prepared.height, prepared.width
+    if p.automatic:
+        if not backend.has_detector:
+            raise ValueError("this model has no CellFinder: give box or point prompts")
+        if not np.any(prepared.squashed):
             return None
-        return self.backend.encode(enc_in)
-
-    # -- whole image -------------------------------------------------------------------------
-    def segment(
-        self,
-        image: np.ndarray,
-        boxes: np.ndarray | None = None,
-        points: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        return_embedding: bool = False,
-    ) -> Segmentation:
-        """Segment one image.
-
-        image: (H, W) or (H, W, C)/(C, H, W) with C <= 3, any numeric dtype.
-        boxes: optional (N, 4) XYXY in original pixels (x = column); skips CellFinder.
-        points: optional (N, P, 2) XY in original pixels, one prompt of P points per row (a
-          (P, 2) array is one prompt), with point_labels (N, P) (1 = cell, 0 = background).
-        Without prompts, CellFinder finds the cells (automatic mode).
-        """
-        norm, sq = self.preprocess(image)
-        h, w = norm.shape[:2]
-        return self.segment_prepared(sq, h, w, boxes, points, point_labels, return_embedding)
-
-    def prompts_1024(self, sq, h, w, boxes=None, points=None, point_labels=None):
-        """The prompts of one image in the 1024 frame (CellFinder's when none are given).
-
-        -> (boxes_1024 (N, 4) float32 or None, points (N, P, 2) float32 or None, point labels
-        (N, P) int64 or None, scores (N,) or None, dynamic threshold or None, raw CellFinder
-        outputs or None), or None in automatic mode on a blank image (nothing to detect).
-        """
-        scores = threshold = raw = pts = lab = None
-        if boxes is None and points is None:
-            if not self.backend.has_detector:
-                raise ValueError("this model has no CellFinder: give box or point prompts")
-            if not np.any(sq):
-                return None
-            boxes_1024, scores, threshold, raw = self.detect(sq)
-        else:
-            boxes_1024 = None if boxes is None else prompt_ops.scale_boxes_to_model(_box_prompts(boxes), h, w)
-            if points is not None:
-                pts, lab = _point_prompts(points, point_labels)
-                pts = prompt_ops.scale_points_to_model(pts, h, w)
-                if boxes_1024 is not None and len(boxes_1024) != len(pts):
-                    raise ValueError(f"{len(boxes_1024)} boxes but {len(pts)} point prompts")
-        return boxes_1024, pts, lab, scores, threshold, raw
-
-    def segment_prepared(self, sq, h, w, boxes=None, points=None, point_labels=None, return_embedding=False, embedding=None):
-        """``segment`` from the squashed (3, 1024, 1024) image, optionally with its embedding."""
-        prompts = self.prompts_1024(sq, h, w, boxes, points, point_labels)
-        if prompts is None:  # automatic mode on a blank image
-            return _empty(h, w)
-        boxes_1024, pts, lab, scores, threshold, raw = prompts
-        n = len(boxes_1024) if boxes_1024 is not None else len(pts)
-        if embedding is None and (n > 0 or return_embedding):
-            embedding = self._embed(sq)
-        if n == 0 or embedding is None:
-            res = _empty(h, w, embedding if return_embedding else None, threshold)
-            res.detections = raw if self.keep_logits else None
-            return res
-        lowres, iou = self.backend.decode(embedding, boxes=boxes_1024, points=pts, point_labels=lab)
-        keep = np.flatnonzero(iou >= self.settings.iou_threshold)
-        labels_raw = label_ops.assemble_labels(lowres[keep], h, w)
-        final = label_ops.fill_holes_and_remove_small_masks(labels_raw, self.settings.min_size)
-        return Segmentation(
-            labels=final,
-            labels_raw=labels_raw,
-            boxes=(prompt_ops.scale_boxes_to_image(boxes_1024[keep], h, w) if boxes_1024 is not None
-                   else np.zeros((0, 4), np.float32)),
-            scores=None if scores is None else scores[keep],
-            iou_predictions=iou[keep],
-            prompt_index=keep.astype(np.int64),
-            embedding=embedding if return_embedding else None,
-            threshold=threshold,
-            prompts_1024=boxes_1024,
-            all_iou_predictions=iou,
-            lowres_logits=lowres if self.keep_logits else None,
-            detections=raw if self.keep_logits else None,
-        )
+        return detect(backend, prepared.squashed, settings)
+    out = PromptSet()
+    if p.boxes is not None:
+        out.boxes = prompt_ops.scale_boxes_to_model(box_prompts(p.boxes), h, w)
+    if p.points is not None:
+        pts, lab = point_prompts(p.points, p.point_labels)
+        out.points, out.point_labels = prompt_ops.scale_points_to_model(pts, h, w), lab
+        if out.boxes is not None and len(out.boxes) != len(pts):
+            raise ValueError(f"{len(out.boxes)} boxes but {len(pts)} point prompts")
+    return out
 
 
-def _box_prompts(boxes) -> np.ndarray:
+def embed(backend: Backend, prepared: Prepared, on_device: bool = False):
+    """SAM image embedding (1, 256, 64, 64) float32 (a device tensor with ``on_device`` on a
+    device-resident backend), or None for an image that is blank after normalisation."""
+    try:
+        enc_in = pre.sam_encoder_input(prepared.squashed, backend.adv_mode)
+    except pre.BlankImageError:
+        return None
+    if on_device:
+        return backend.encode(enc_in, on_device=True)
+    return backend.encode(enc_in)
+
+
+def decode(backend: Backend, embedding, ps: PromptSet) -> tuple[np.ndarray, np.ndarray]:
+    """All prompts of one image -> low-res logits (N, 256, 256) float32, IoU predictions (N,)."""
+    return backend.decode(embedding, boxes=ps.boxes, points=ps.points, point_labels=ps.point_labels)
+
+
+def kept(iou: np.ndarray, settings: SegmentSettings) -> np.ndarray:
+    """(N,) IoU predictions -> int64 indices of the masks kept (IoU >= iou_threshold)."""
+    return np.flatnonzero(np.asarray(iou) >= settings.iou_threshold).astype(np.int64)
+
+
+def assemble(lowres_kept: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Kept masks' low-res logits (M, 256, 256) -> raw label map (H, W) int32, later mask wins."""
+    return label_ops.assemble_labels(lowres_kept, prepared.height, prepared.width)
+
+
+def finish(prepared: Prepared, ps: PromptSet, keep: np.ndarray, iou: np.ndarray, labels_raw: np.ndarray,
+           settings: SegmentSettings, embedding=None, lowres=None, keep_logits: bool = False) -> Segmentation:
+    """Hole filling and small-object removal, kept boxes back in original pixels -> result."""
+    final, sources = label_ops.fill_holes_and_remove_small_masks_with_sources(labels_raw, settings.min_size)
+    h, w = prepared.height, prepared.width
+    return Segmentation(
+        labels=final,
+        boxes=(prompt_ops.scale_boxes_to_image(ps.boxes[keep], h, w) if ps.boxes is not None
+               else np.zeros((0, 4), np.float32)),
+        scores=None if ps.scores is None else ps.scores[keep],
+        iou_predictions=np.asarray(iou)[keep],
+        details=Details(labels_raw=labels_raw, label_sources=sources, prompt_index=keep, threshold=ps.threshold,
+                        prompts_1024=ps.boxes, all_iou_predictions=np.asarray(iou), embedding=embedding,
+                        lowres_logits=lowres if keep_logits else None,
+                        detections=ps.detections if keep_logits else None),
+    )
+
+
+def empty(prepared: Prepared, ps: PromptSet | None = None, embedding=None, keep_logits: bool = False) -> Segmentation:
+    """The all-zero result (no prompts, nothing detected, or a blank image)."""
+    h, w = prepared.height, prepared.width
+    z = np.zeros((h, w), dtype=np.int32)
+    return Segmentation(
+        labels=z, boxes=np.zeros((0, 4), np.float32), scores=None, iou_predictions=np.zeros(0, np.float32),
+        details=Details(labels_raw=z.copy(), label_sources=np.zeros(0, np.int64), prompt_index=np.zeros(0, np.int64),
+                        threshold=None if ps is None else ps.threshold, prompts_1024=None if ps is None else ps.boxes,
+                        embedding=embedding, detections=ps.detections if ps is not None and keep_logits else None),
+    )
+
+
+def segment_prepared(backend: Backend, prepared: Prepared, prompts: Prompts | None, settings: SegmentSettings,
+                     embedding=None, return_embedding: bool = False, keep_logits: bool = False) -> Segmentation:
+    """The stages after ``prepare``, in sequence (``embedding``: reuse one already computed)."""
+    ps = find_prompts(backend, prepared, prompts, settings)
+    if ps is None:
+        return empty(prepared)
+    if embedding is None and (ps.n > 0 or return_embedding):
+        embedding = embed(backend, prepared)
+    emb_out = embedding if return_embedding else None
+    if ps.n == 0 or embedding is None:
+        return empty(prepared, ps, emb_out, keep_logits)
+    lowres, iou = decode(backend, embedding, ps)
+    keep = kept(iou, settings)
+    labels_raw = assemble(lowres[keep], prepared)
+    return finish(prepared, ps, keep, iou, labels_raw, settings, emb_out, lowres, keep_logits)
+
+
+def segment(backend: Backend, image: np.ndarray, prompts: Prompts | None = None,
+            settings: SegmentSettings | None = None, return_embedding: bool = False,
+            keep_logits: bool = False) -> Segmentation:
+    """Segment one image with ``backend`` (every stage in sequence); see ``Prompts``."""
+    settings = settings or SegmentSettings()
+    return segment_prepared(backend, prepare(image, settings), prompts, settings,
+                            return_embedding=return_embedding, keep_logits=keep_logits)
+
+
+def with_channels(settings: SegmentSettings, channels: Channels | None) -> SegmentSettings:
+    """``settings`` with ``channels`` replacing its channel choice (None: unchanged)."""
+    return settings if channels is None else replace(settings, channels=channels)
+
+
+# --------------------------------------------------------------------------- prompt checks
+
+
+def box_prompts(boxes) -> np.ndarray:
+    """Boxes -> (N, 4) float32 XYXY, or ValueError naming the problem."""
     b = np.asarray(boxes, dtype=np.float32)
     if b.size == 0:
         return b.reshape(0, 4)
@@ -215,16 +312,22 @@ def _box_prompts(boxes) -> np.ndarray:
     return b
 
 
-def _point_prompts(points, point_labels) -> tuple[np.ndarray, np.ndarray]:
+def point_prompts(points, point_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Points -> ((N, P, 2) float32, (N, P) int64 labels), or ValueError naming the problem."""
     pts = np.asarray(points, dtype=np.float32)
     if pts.ndim == 2:
         pts = pts[None]
     if pts.ndim != 3 or pts.shape[-1] != 2:
         raise ValueError(f"points must be (N, P, 2) or (P, 2), got shape {np.shape(points)}")
+    if not np.isfinite(pts).all():
+        raise ValueError("points contain NaN or infinite coordinates")
     if point_labels is None:
         lab = np.ones(pts.shape[:2], dtype=np.int64)
     else:
-        lab = np.asarray(point_labels, dtype=np.int64).reshape(pts.shape[:2])
+        lab = np.asarray(point_labels, dtype=np.int64)
+        if lab.size != pts.shape[0] * pts.shape[1]:
+            raise ValueError(f"point_labels has {lab.size} entries for {pts.shape[0]} x {pts.shape[1]} points")
+        lab = lab.reshape(pts.shape[:2])
     if not np.isin(lab, (-1, 0, 1)).all():
         raise ValueError("point labels must be 1 (cell), 0 (background) or -1 (padding)")
     return pts, lab

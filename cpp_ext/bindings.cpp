@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "postprocess.hpp"
 
@@ -65,6 +66,24 @@ py::array_t<int32_t> fill_holes(LabelsIn labels, int64_t min_size) {
     return out;
 }
 
+py::tuple fill_holes_with_sources(LabelsIn labels, int64_t min_size) {
+    if (labels.ndim() != 2)
+        throw py::value_error("fill_holes_and_remove_small_masks_with_sources: labels must be 2-D (H, W)");
+    const int h = checked_size(labels.shape(0), "height"), w = checked_size(labels.shape(1), "width");
+    py::array_t<int32_t> out({static_cast<py::ssize_t>(h), static_cast<py::ssize_t>(w)});
+    int32_t* o = out.mutable_data();
+    const int32_t* in = labels.data();
+    std::vector<int64_t> sources;
+    {
+        py::gil_scoped_release release;
+        std::memcpy(o, in, sizeof(int32_t) * static_cast<size_t>(h) * static_cast<size_t>(w));
+        cellsam::fill_holes_and_remove_small_masks(o, h, w, min_size, &sources);
+    }
+    py::array_t<int64_t> src(static_cast<py::ssize_t>(sources.size()));
+    if (!sources.empty()) std::memcpy(src.mutable_data(), sources.data(), sizeof(int64_t) * sources.size());
+    return py::make_tuple(out, src);
+}
+
 py::array_t<int64_t> link_labels_by_iou(LabelsIn a, LabelsIn b, double min_iou) {
     if (a.ndim() != b.ndim()) throw py::value_error("link_labels_by_iou: a and b must have the same shape");
     for (py::ssize_t d = 0; d < a.ndim(); ++d)
@@ -120,6 +139,17 @@ reached, after earlier labels' filling) is deleted; otherwise its holes inside i
 (background not 4-connected to the box border, scipy.ndimage.binary_fill_holes) are filled and
 the filled region is written with the next sequential label 1, 2, ..., overwriting whatever lies
 in the holes. Identical to the NumPy/SciPy loop. Releases the GIL.)doc");
+
+    m.def("fill_holes_and_remove_small_masks_with_sources", &fill_holes_with_sources, py::arg("labels"),
+          py::arg("min_size") = 25,
+          R"doc(fill_holes_and_remove_small_masks, also returning where each final label came from.
+
+Returns (final, sources): final is the int32 (H, W) map of fill_holes_and_remove_small_masks;
+sources is int64 (K,), K = the number of final labels the loop wrote, and sources[k - 1] is the
+input label that final label k was written for (for an assembled map: the 1-based index of the
+kept mask). Taken from the loop itself, not from pixel counts: an input label whose pixels an
+earlier label's hole filling covered gets no final label, and a final label may have no pixels
+left in `final` (covered by a later label's hole filling). Releases the GIL.)doc");
 
     m.def("link_labels_by_iou", &link_labels_by_iou, py::arg("a"), py::arg("b"), py::arg("min_iou"),
           R"doc(Match the labels of two label maps of the same region (the overlap of two tiles).

@@ -514,7 +514,9 @@ int32_t find_root(std::vector<int32_t>& parent, int32_t i) {
 //    the label's runs; intervals in adjacent rows that share a column are 4-connected (union-find);
 //    a component that reaches the box border (first/last row or column) is not a hole. This is
 //    scipy.ndimage.binary_fill_holes (cross-shaped structure, border_value 1) inside the box.
-void fill_holes_and_remove_small_masks(int32_t* m, int height, int width, int64_t min_size) {
+void fill_holes_and_remove_small_masks(int32_t* m, int height, int width, int64_t min_size,
+                                       std::vector<int64_t>* sources) {
+    if (sources) sources->clear();
     const int64_t n = static_cast<int64_t>(height) * width;
     if (n <= 0) return;
     int32_t max_label = 0;
@@ -602,6 +604,7 @@ void fill_holes_and_remove_small_masks(int32_t* m, int height, int width, int64_
         }
         if (npix == 0) continue;
         ++next;
+        if (sources) sources->push_back(v);
         // 3. background intervals of each box row, row by row (cur is in row-major order)
         gaps.clear();
         gap_row_start.assign(static_cast<size_t>(b.r1 - b.r0) + 2, 0);

@@ -41,7 +41,13 @@ void assemble_labels(const float* lowres, int64_t n, int height, int width, int3
 void upsample_logits(const float* lowres, int height, int width, float* out);
 
 // In place on labels (height, width): the official fill_holes_and_remove_small_masks.
-void fill_holes_and_remove_small_masks(int32_t* labels, int height, int width, int64_t min_size);
+// sources (optional): cleared, then receives for each final label k = 1, 2, ... (in order) the
+// input label it was written for, i.e. sources[k - 1] = the label the loop was processing when
+// it wrote k. A final label may end up with no pixels (a later label's hole filling can cover
+// it), and an input label may get none (deleted as small, or covered by an earlier label's
+// hole filling), so this is not recoverable from pixel counts of the input.
+void fill_holes_and_remove_small_masks(int32_t* labels, int height, int width, int64_t min_size,
+                                       std::vector<int64_t>* sources = nullptr);
 
 // Labels a and b (height, width) of the same region: greedy one-to-one matching by IoU.
 std::vector<std::pair<int64_t, int64_t>> link_labels_by_iou(const int32_t* a, const int32_t* b, int64_t npix,

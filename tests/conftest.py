@@ -145,8 +145,9 @@ def full_exports(synthetic_path, full_models):
     Exported once and cached under CACHE/onnx/<key> (key: checkpoint identity + exporter code).
     """
     from cellsam_trt.cli import main
-    from cellsam_trt.export import specs as S
-    from cellsam_trt.export.onnx_export import MANIFEST, export_model
+    from cellsam_trt.runtime import specs as S
+    from cellsam_trt.export.onnx_export import export_model
+    from cellsam_trt.runtime.manifest import MANIFEST
 
     _prune_exports(CACHE / "onnx")
     out = {}

@@ -29,7 +29,7 @@ def test_exits_clearly_without_cuda(bench, capsys, tmp_path):
 
 
 def test_workload_and_code_paths_on_cpu(bench, tmp_path):
-    from cellsam_trt.engine.torch_cuda_backend import TorchCudaBackend
+    from cellsam_trt.engine.torch_backend import TorchBackend
     from cellsam_trt.model.cellsam import CellSAMConfig
     from cellsam_trt.model.checkpoint import load_state_dict
     from cellsam_trt.model.synthetic import synthetic_state_dict
@@ -43,8 +43,9 @@ def test_workload_and_code_paths_on_cpu(bench, tmp_path):
     images, bxs = [s[0] for s in small], [s[1] for s in small]
     base, ref = bench.run_official(model, images, bxs, warmup=0, device="cpu")
     assert set(base["stage_ms"]) == {"preprocess", "encode", "decode", "postprocess"} and base["images_per_s"] > 0
-    res, labels = bench.run_overlapped(TorchCudaBackend(model, device="cpu", dtype="float32"), images, bxs,
+    res, labels = bench.run_overlapped(TorchBackend(model, device="cpu", precision="fp32", sdpa=True), images, bxs,
                                        warmup=1, device="cpu")
+    assert set(res["stage_ms"]) == set(bench._gpu_scheduler().STAGES) and res["images_per_s"] > 0
     agr = bench.agreement(ref, labels)
     assert 0.0 <= agr["mean_iou"] <= 1.0
     report = {"date": "test", "checkpoint": "tiny", "images": 2, "warmup": 0,

@@ -39,8 +39,12 @@ def images(tmp_path):
 
 
 def run(*args):
-    # the small random model predicts low IoUs: keep every mask so that outputs have cells
-    return cli.main(["run", *map(str, args), "--quiet", "--iou-threshold=-100"])
+    # the small random model predicts low IoUs: keep every mask so that outputs have cells;
+    # a checkpoint runs on the PyTorch reference unless a test names a backend
+    args = [str(a) for a in args]
+    if "--checkpoint" in args and "--backend" not in args:
+        args += ["--backend", "torch"]
+    return cli.main(["run", *args, "--quiet", "--iou-threshold=-100"])
 
 
 def test_all_formats_and_outputs(tiny_checkpoint, images, tmp_path):
@@ -192,17 +196,70 @@ def test_run_on_an_export_uses_onnx_runtime(tiny_checkpoint, tiny_export, images
     assert a.max() > 0 and (a == b).mean() >= 0.999
 
 
-def test_trt_backend_needs_engines_and_tensorrt(tmp_path):
+def test_trt_backend_needs_engines_and_tensorrt(tiny_export, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((20, 20), np.uint8))
-    with pytest.raises(SystemExit, match="engine directory"):
-        cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "trt", "--quiet"])
-    pytest.importorskip("cellsam_trt.engine.trt_backend")
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit, match="TensorRT is not installed"):
-            cli.main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--backend", "trt", "--model",
-                      str(tmp_path), "--quiet"])
+    assert cli.main(["run", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--backend", "trt", "--model",
+                     str(tiny_export), "--quiet"]) == 2
+    assert "backend trt needs an engine directory" in capsys.readouterr().err
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "image_encoder.engine").write_bytes(b"not an engine")
+    assert cli.main(["run", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--model", str(engines),
+                     "--device", "cpu", "--quiet"]) == 2
+    assert "CUDA device, not the CPU" in capsys.readouterr().err
+
+
+def test_a_run_without_a_model_says_how_to_name_one(images, tmp_path, capsys):
+    d, _ = images
+    assert cli.main(["run", str(d / "a.tif"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no model given" in err and "--model" in err and "--synthetic-seed" in err
+    assert not (tmp_path / "o" / "a_labels.tif").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--backend", "ort", "--precision", "fp16"], "ONNX Runtime runs fp32 or int8"),
+    (["--backend", "torch", "--precision", "int8"], "torch backend runs fp32, fp16 or bf16"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_requests_that_cannot_be_met_are_one_line(tiny_checkpoint, images, tmp_path, flags, message):
+    """No traceback and no silent fallback: the CLI exits with one line naming the reason."""
+    if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    d, boxes = images
+    cmd = [sys.executable, "-m", "cellsam_trt.cli", "run", str(d / "a.tif"), "--out", str(tmp_path / "o"),
+           "--checkpoint", str(tiny_checkpoint), "--boxes", str(boxes), "--quiet", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "a_labels.tif").exists()
+
+
+def test_channel_flags_with_a_leading_channel_axis(tiny_checkpoint, tmp_path):
+    """--channel-axis 0 with --nuclear-channel / --wholecell-channel on a (C, H, W) stack: the
+    chosen planes reach the model (this failed every image before: the axis was dropped)."""
+    img, boxes = cli.synthetic_cells(2, 80, 64, 4)
+    stack = np.stack([img, np.roll(img, 3, 1)])  # (2, 80, 64)
+    np.save(tmp_path / "chw.npy", stack)
+    np.save(tmp_path / "hwc.npy", np.moveaxis(stack, 0, -1))
+    (tmp_path / "b.json").write_text(json.dumps({"boxes": boxes.tolist()}))
+    common = ["--checkpoint", tiny_checkpoint, "--boxes", tmp_path / "b.json", "--format", "npy",
+              "--nuclear-channel", "0", "--wholecell-channel", "1"]
+    assert run(tmp_path / "chw.npy", "--out", tmp_path / "o1", "--channel-axis", "0", *common) == 0
+    assert run(tmp_path / "hwc.npy", "--out", tmp_path / "o2", "--channel-axis", "-1", *common) == 0
+    a, b = np.load(tmp_path / "o1" / "chw_labels.npy"), np.load(tmp_path / "o2" / "hwc_labels.npy")
+    assert a.shape == (80, 64) and a.max() > 0
+    np.testing.assert_array_equal(a, b)
+
+
+def test_auto_backend_runs_a_checkpoint_on_onnx_runtime_on_the_cpu(tiny_checkpoint, images, tmp_path):
+    d, boxes = images
+    cache = tmp_path / "exports"
+    assert cli.main(["run", str(d / "a.tif"), "--out", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint),
+                     "--boxes", str(boxes), "--export-cache", str(cache), "--device", "cpu", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
+    assert summary["backend"] == "ort" and summary["scheduler"] == "cpu" and "ONNX Runtime" in summary["reason"]
 
 
 def test_ort_backend_exports_a_checkpoint_on_the_fly(tiny_checkpoint, images, tmp_path):
@@ -218,7 +275,8 @@ def test_ort_backend_exports_a_checkpoint_on_the_fly(tiny_checkpoint, images, tm
     assert run(d / "b.npy", "--out", tmp_path / "ort", "--backend", "ort", *common) == 0
     assert (export / "manifest.json").stat().st_mtime_ns == mtime  # reused, not exported again
     summary = json.loads((tmp_path / "ort" / "run_summary.json").read_text())
-    assert summary["backend"] == "ort" and summary["model"] == str(export)
+    assert summary["backend"] == "ort" and summary["export"] == str(export)
+    assert summary["model"] == str(tiny_checkpoint)
     assert run(d / "a.tif", "--out", tmp_path / "torch", "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
     a, b = tifffile.imread(tmp_path / "ort" / "a_labels.tif"), tifffile.imread(tmp_path / "torch" / "a_labels.tif")
     assert a.max() > 0 and (a == b).mean() >= 0.999
@@ -226,7 +284,7 @@ def test_ort_backend_exports_a_checkpoint_on_the_fly(tiny_checkpoint, images, tm
 
 def test_point_prompts_from_a_file(tiny_export, tmp_path):
     """--points: one prompt per row; the labels equal the engine's on the same points."""
-    from cellsam_trt.engine.api import CellSAMEngine
+    from cellsam_trt import CellSAM
     from cellsam_trt.pipeline import SegmentSettings
 
     img, boxes = cli.synthetic_cells(3, 160, 176, 6)
@@ -237,7 +295,7 @@ def test_point_prompts_from_a_file(tiny_export, tmp_path):
     assert run(tmp_path / "p.tif", "--out", tmp_path / "o", "--model", tiny_export, "--points",
                tmp_path / "points.json", "--format", "npy") == 0
     got = np.load(tmp_path / "o" / "p_labels.npy")
-    engine = CellSAMEngine.load(tiny_export, settings=SegmentSettings(iou_threshold=-100))
+    engine = CellSAM.load(tiny_export, settings=SegmentSettings(iou_threshold=-100))
     want = engine.segment(img, points=np.array(points, np.float32), point_labels=np.ones((len(points), 1)))
     assert want.labels.max() > 0
     np.testing.assert_array_equal(got, want.labels)
@@ -259,7 +317,7 @@ def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
 def test_progress_bar_shows_images_per_second(tiny_checkpoint, images, tmp_path, capsys):
     d, boxes = images
     rc = cli.main(["run", str(d / "a.tif"), str(d / "b.npy"), "--out", str(tmp_path / "o"), "--checkpoint",
-                   str(tiny_checkpoint), "--boxes", str(boxes), "--iou-threshold=-100"])
+                   str(tiny_checkpoint), "--backend", "torch", "--boxes", str(boxes), "--iou-threshold=-100"])
     assert rc == 0
     err = capsys.readouterr().err
     assert "2/2" in err and "images/s" in err

@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from cellsam_trt.export import specs as S
+from cellsam_trt.runtime import specs as S
 from cellsam_trt.export.onnx_export import (IR_VERSION, OPSET, Case, ExportValidationError, export_graph,
                                             read_manifest)
 from cellsam_trt.export.trt_compat import TrtCompatError, assert_trt_compatible, check_trt_compat
-from cellsam_trt.export.wrappers import prompt_tokens
+from cellsam_trt.runtime.prompt_layout import prompt_tokens
 
 
 def _session(path):
@@ -201,7 +201,7 @@ def test_validation_error_reports_the_difference(tmp_path):
 
 
 def test_manifest_errors(tmp_path, tiny_export):
-    from cellsam_trt.export.onnx_export import ManifestError
+    from cellsam_trt.runtime.manifest import ManifestError
 
     with pytest.raises(ManifestError, match="not an export directory"):
         read_manifest(tmp_path)

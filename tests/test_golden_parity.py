@@ -19,44 +19,46 @@ _RUNS: dict[str, tuple] = {}
 
 
 def run_case(reference, full_models, case):
-    """Run a golden case once per session; returns (golden, result, pipeline)."""
+    """Run a golden case once per session; returns (golden, result, backend)."""
     if case not in _RUNS:
+        from cellsam_trt import pipeline as P
         from cellsam_trt.engine.torch_backend import TorchBackend
-        from cellsam_trt.pipeline import CellSAMPipeline
 
         g = load_golden(reference, case)
         model = full_models["nocp" if case.endswith("nocp") else "adv"]
-        pipe = CellSAMPipeline(TorchBackend(model), keep_logits=True)
+        backend = TorchBackend(model)
         if "_boxes" in case:
-            res = pipe.segment(g["image"], boxes=case_boxes(reference, case), return_embedding=True)
+            res = P.segment(backend, g["image"], P.Prompts(boxes=case_boxes(reference, case)), return_embedding=True,
+                            keep_logits=True)
         else:
-            res = pipe.segment(g["image"])
-        _RUNS[case] = (g, res, pipe)
+            res = P.segment(backend, g["image"], keep_logits=True)
+        _RUNS[case] = (g, res, backend)
     return _RUNS[case]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BOX_CASES)
 def test_box_prompt_case(reference, full_models, case):
-    g, res, pipe = run_case(reference, full_models, case)
-    assert g["meta"]["adv_mode"] == pipe.backend.adv_mode
+    g, res, backend = run_case(reference, full_models, case)
+    assert g["meta"]["adv_mode"] == backend.adv_mode
+    d = res.details
 
-    emb = np.abs(res.embedding - g["embedding"]).max()
+    emb = np.abs(d.embedding - g["embedding"]).max()
     k = g["lowres_mask_logits_first16"].shape[0]
-    lowres = np.abs(res.lowres_logits[:k] - g["lowres_mask_logits_first16"]).max()
-    iou = np.abs(res.all_iou_predictions - g["iou_predictions"]).max()
-    prompts = np.abs(res.prompts_1024 - g["boxes_prompt_1024"]).max()
-    raw_agree = (res.labels_raw == g["labels_raw"]).mean()
+    lowres = np.abs(d.lowres_logits[:k] - g["lowres_mask_logits_first16"]).max()
+    iou = np.abs(d.all_iou_predictions - g["iou_predictions"]).max()
+    prompts = np.abs(d.prompts_1024 - g["boxes_prompt_1024"]).max()
+    raw_agree = (d.labels_raw == g["labels_raw"]).mean()
     agree = (res.labels == g["mask"]).mean()
     record(case, embedding_maxabs=emb, lowres_maxabs=lowres, iou_maxabs=iou, prompts_maxabs=prompts,
            raw_label_agreement=raw_agree, label_agreement=agree,
-           kept=f"{len(res.prompt_index)}/{len(g['kept'])}")
+           kept=f"{len(d.prompt_index)}/{len(g['kept'])}")
 
     assert emb <= TENSOR_TOL
     assert prompts <= 1e-4
     assert lowres <= TENSOR_TOL
     assert iou <= TENSOR_TOL
-    np.testing.assert_array_equal(res.all_iou_predictions >= 0.5, g["kept"])
+    np.testing.assert_array_equal(d.all_iou_predictions >= 0.5, g["kept"])
     np.testing.assert_allclose(res.boxes, g["boxes_kept_orig"], atol=1e-3)
     assert raw_agree >= PIXEL_AGREEMENT
     assert agree >= PIXEL_AGREEMENT
@@ -67,11 +69,11 @@ def test_box_prompt_case(reference, full_models, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", AUTO_CASES)
 def test_automatic_case(reference, full_models, case):
-    g, res, pipe = run_case(reference, full_models, case)
-    logits, boxes = res.detections
+    g, res, _ = run_case(reference, full_models, case)
+    logits, boxes = res.details.detections
     dl = np.abs(logits - g["pred_logits"]).max()
     db = np.abs(boxes - g["pred_boxes"]).max()
-    dthr = abs(res.threshold - float(g["dyn_threshold"]))
+    dthr = abs(res.details.threshold - float(g["dyn_threshold"]))
     record(case, pred_logits_maxabs=dl, pred_boxes_maxabs=db, threshold_absdiff=dthr, n_labels=int(res.labels.max()))
     assert dl <= TENSOR_TOL
     assert db <= TENSOR_TOL

@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_trt.engine.base import Backend
+from cellsam_trt import pipeline as P
+from cellsam_trt.engine.base import Backend, BackendError
 from cellsam_trt.engine.ort_backend import OrtBackend, OrtConfig, ProviderError, resolve_providers, trt_provider_options
 from cellsam_trt.engine.torch_backend import TorchBackend
-from cellsam_trt.export import specs as S
-from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+from cellsam_trt.runtime import specs as S
+from cellsam_trt.pipeline import Prompts, SegmentSettings
 
 KEEP_ALL = SegmentSettings(iou_threshold=-1e9)  # the tiny random model predicts low IoUs: keep every mask
 
@@ -30,31 +31,34 @@ def test_is_a_backend(ort_backend):
 
 def test_box_prompts_match_torch(ort_backend, tiny_model):
     img, boxes = cells_image()
-    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
-    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, boxes=boxes, return_embedding=True)
-    assert np.abs(a.embedding - b.embedding).max() <= 1e-4
-    assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
-    np.testing.assert_allclose(a.all_iou_predictions, b.all_iou_predictions, atol=1e-5)
-    np.testing.assert_array_equal(a.prompt_index, b.prompt_index)
+    a = P.segment(TorchBackend(tiny_model), img, Prompts(boxes=boxes), KEEP_ALL, return_embedding=True,
+                  keep_logits=True)
+    b = P.segment(ort_backend, img, Prompts(boxes=boxes), KEEP_ALL, return_embedding=True, keep_logits=True)
+    da, db = a.details, b.details
+    assert np.abs(da.embedding - db.embedding).max() <= 1e-4
+    assert np.abs(da.lowres_logits - db.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(da.lowres_logits).max())
+    np.testing.assert_allclose(da.all_iou_predictions, db.all_iou_predictions, atol=1e-5)
+    np.testing.assert_array_equal(da.prompt_index, db.prompt_index)
     assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
 
 
 def test_point_prompts_match_torch(ort_backend, tiny_model):
     img, boxes = cells_image(seed=1)
     pts = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]
-    a = CellSAMPipeline(TorchBackend(tiny_model), KEEP_ALL, True).segment(img, points=pts)
-    b = CellSAMPipeline(ort_backend, KEEP_ALL, True).segment(img, points=pts)
-    assert np.abs(a.lowres_logits - b.lowres_logits).max() <= 1e-5 * max(1.0, np.abs(a.lowres_logits).max())
+    a = P.segment(TorchBackend(tiny_model), img, Prompts(points=pts), KEEP_ALL, keep_logits=True)
+    b = P.segment(ort_backend, img, Prompts(points=pts), KEEP_ALL, keep_logits=True)
+    lr_a, lr_b = a.details.lowres_logits, b.details.lowres_logits
+    assert np.abs(lr_a - lr_b).max() <= 1e-5 * max(1.0, np.abs(lr_a).max())
     assert a.n_cells > 0 and (a.labels == b.labels).mean() >= 0.999
 
 
 def test_automatic_mode_matches_torch(ort_backend, tiny_model):
     img, _ = cells_image(seed=2)
-    a = CellSAMPipeline(TorchBackend(tiny_model), keep_logits=True).segment(img)
-    b = CellSAMPipeline(ort_backend, keep_logits=True).segment(img)
-    for x, y in zip(a.detections, b.detections):
+    a = P.segment(TorchBackend(tiny_model), img, keep_logits=True)
+    b = P.segment(ort_backend, img, keep_logits=True)
+    for x, y in zip(a.details.detections, b.details.detections, strict=True):
         assert np.abs(x - y).max() <= 1e-4
-    assert a.threshold == pytest.approx(b.threshold, abs=1e-6)
+    assert a.details.threshold == pytest.approx(b.details.threshold, abs=1e-6)
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
@@ -89,7 +93,8 @@ def test_split_decoder_is_the_cpu_default_and_equals_the_whole_decoder(tiny_expo
         assert a[0].shape == (6, 256, 256)
         assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
         assert np.abs(a[1] - b[1]).max() <= 1e-5
-    assert set(whole._sessions) == {S.DECODER}
+    assert set(whole._runners) == {(S.DECODER, None)}  # one runner (session) per graph used
+    assert (S.PROMPT_CONTEXT, None) in split._runners and not any(g == S.DECODER for g, _ in split._runners)
     lr, _ = OrtBackend(tiny_export, decode_chunk=4).decode(emb, boxes=boxes)
     assert np.abs(lr - split.decode(emb, boxes=boxes)[0]).max() <= 1e-5 * max(1.0, np.abs(lr).max())
 
@@ -111,16 +116,23 @@ def test_decode_streams_keep_prompt_order_and_values(tiny_export):
     tol = 1e-6 * max(1.0, float(np.abs(b[0]).max()))  # 1 vs 2 intra-op threads: same arithmetic
     np.testing.assert_allclose(a[0], b[0], rtol=0, atol=tol)
     np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-6)
-    assert {f"{S.CONTEXT_DECODER}#0", f"{S.CONTEXT_DECODER}#1"} <= set(two._sessions)
+    assert {(S.CONTEXT_DECODER, 0), (S.CONTEXT_DECODER, 1)} <= set(two._runners)
+    import onnxruntime as ort
+
+    for stream in (0, 1):  # each stream its own single-threaded InferenceSession
+        r = two.runner(S.CONTEXT_DECODER, stream)
+        assert isinstance(r.session, ort.InferenceSession)
+        assert r.session.get_session_options().intra_op_num_threads == 1
+    assert two.runner(S.CONTEXT_DECODER, 0).session is not two.runner(S.CONTEXT_DECODER, 1).session
     for i in range(7):  # prompt order: each row is that box decoded alone
         np.testing.assert_allclose(a[0][i], one.decode(emb, boxes=boxes[i:i + 1])[0][0], rtol=0, atol=tol)
     with pytest.raises(S.InputSpecError):  # bad prompts are refused before any stream runs
         two.decode(emb, points=np.zeros((3, 40, 2), np.float32))
     import threading
 
-    assert not [t for t in threading.enumerate() if t.name.startswith("cellsam-ort-decode")]  # none outlive a call
+    assert not [t for t in threading.enumerate() if t.name.startswith("cellsam-decode")]  # none outlive a call
     two.close()
-    assert not two._sessions
+    assert not two._runners
     np.testing.assert_allclose(two.decode(emb, boxes=boxes)[0], b[0], rtol=0, atol=tol)
 
 
@@ -128,7 +140,7 @@ def test_an_export_without_the_split_decoder_still_runs(tiny_export, tmp_path):
     """A format-1 export (no prompt_context / context_decoder) runs the whole decoder."""
     import json
 
-    from cellsam_trt.export.onnx_export import MANIFEST
+    from cellsam_trt.runtime.manifest import MANIFEST
 
     manifest = json.loads((tiny_export / MANIFEST).read_text())
     for name in S.CONTEXT_GRAPHS:
@@ -144,7 +156,7 @@ def test_an_export_without_the_split_decoder_still_runs(tiny_export, tmp_path):
     boxes = np.array([[100, 100, 180, 170], [400, 500, 460, 590]], np.float32)
     a, b = old.decode(emb, boxes=boxes), OrtBackend(tiny_export).decode(emb, boxes=boxes)
     assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
-    with pytest.raises(ValueError, match="no split decoder"):
+    with pytest.raises(BackendError, match="no split decoder"):
         OrtBackend(tmp_path, split_decoder=True)
 
 
@@ -177,7 +189,7 @@ def test_int8_precision_runs_and_agrees_roughly(tiny_export):
     x = np.random.default_rng(2).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
     a, b = fp.encode(x), q.encode(x)
     assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(BackendError, match="fp32 or int8, not 'fp8'"):
         OrtBackend(tiny_export, precision="fp8")
 
 

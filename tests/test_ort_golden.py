@@ -31,23 +31,24 @@ def _backend(full_exports, variant: str, precision: str = "fp32"):
 
 
 def run_case(reference, full_exports, case, precision="fp32"):
+    """Run a golden case once per session; returns (golden, result, backend)."""
     key = (case, precision)
     if key not in _RUNS:
-        from cellsam_trt.pipeline import CellSAMPipeline
+        from cellsam_trt import pipeline as P
 
         g = load_golden(reference, case)
-        pipe = CellSAMPipeline(_backend(full_exports, "nocp" if case.endswith("nocp") else "adv", precision),
-                               keep_logits=True)
+        backend = _backend(full_exports, "nocp" if case.endswith("nocp") else "adv", precision)
         if "_boxes" in case:
-            res = pipe.segment(g["image"], boxes=case_boxes(reference, case), return_embedding=True)
+            res = P.segment(backend, g["image"], P.Prompts(boxes=case_boxes(reference, case)), return_embedding=True,
+                            keep_logits=True)
         else:
-            res = pipe.segment(g["image"])
-        _RUNS[key] = (g, res, pipe)
+            res = P.segment(backend, g["image"], keep_logits=True)
+        _RUNS[key] = (g, res, backend)
     return _RUNS[key]
 
 
 def test_export_manifests(full_exports):
-    from cellsam_trt.export.onnx_export import read_manifest
+    from cellsam_trt.runtime.manifest import read_manifest
 
     adv, nocp = read_manifest(full_exports["adv"]), read_manifest(full_exports["nocp"])
     assert adv["adv_mode"] is True and adv["has_detector"] is True and len(adv["checkpoint"]["sha256"]) == 64
@@ -59,21 +60,22 @@ def test_export_manifests(full_exports):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BOX_CASES)
 def test_ort_box_prompt_case(reference, full_exports, case):
-    g, res, pipe = run_case(reference, full_exports, case)
-    assert g["meta"]["adv_mode"] == pipe.backend.adv_mode
-    emb = np.abs(res.embedding - g["embedding"]).max()
+    g, res, backend = run_case(reference, full_exports, case)
+    assert g["meta"]["adv_mode"] == backend.adv_mode
+    d = res.details
+    emb = np.abs(d.embedding - g["embedding"]).max()
     k = g["lowres_mask_logits_first16"].shape[0]
-    lowres = np.abs(res.lowres_logits[:k] - g["lowres_mask_logits_first16"]).max()
-    iou = np.abs(res.all_iou_predictions - g["iou_predictions"]).max()
-    raw_agree = (res.labels_raw == g["labels_raw"]).mean()
+    lowres = np.abs(d.lowres_logits[:k] - g["lowres_mask_logits_first16"]).max()
+    iou = np.abs(d.all_iou_predictions - g["iou_predictions"]).max()
+    raw_agree = (d.labels_raw == g["labels_raw"]).mean()
     agree = (res.labels == g["mask"]).mean()
     record(case, ort_embedding_maxabs=emb, ort_lowres_maxabs=lowres, ort_iou_maxabs=iou,
            ort_raw_label_agreement=raw_agree, ort_label_agreement=agree,
-           ort_kept=f"{len(res.prompt_index)}/{len(g['kept'])}")
+           ort_kept=f"{len(d.prompt_index)}/{len(g['kept'])}")
     assert emb <= TENSOR_TOL
     assert lowres <= TENSOR_TOL
     assert iou <= TENSOR_TOL
-    np.testing.assert_array_equal(res.all_iou_predictions >= 0.5, g["kept"])
+    np.testing.assert_array_equal(d.all_iou_predictions >= 0.5, g["kept"])
     np.testing.assert_allclose(res.boxes, g["boxes_kept_orig"], atol=1e-3)
     assert raw_agree >= PIXEL_AGREEMENT
     assert agree >= PIXEL_AGREEMENT
@@ -84,13 +86,13 @@ def test_ort_box_prompt_case(reference, full_exports, case):
 @pytest.mark.parametrize("case", ORT_AUTO_CASES)
 def test_ort_automatic_case(reference, full_exports, case):
     assert set(ORT_AUTO_CASES) <= set(AUTO_CASES)
-    g, res, pipe = run_case(reference, full_exports, case)
-    logits, boxes = res.detections
+    g, res, backend = run_case(reference, full_exports, case)
+    logits, boxes = res.details.detections
     dl = np.abs(logits - g["pred_logits"]).max()
     db = np.abs(boxes - g["pred_boxes"]).max()
-    dthr = abs(res.threshold - float(g["dyn_threshold"]))
+    dthr = abs(res.details.threshold - float(g["dyn_threshold"]))
     # the CellFinder graph alone on the official CellFinder input
-    gl, gb = pipe.backend.detect(g["cellfinder_input"])
+    gl, gb = backend.detect(g["cellfinder_input"])
     record(case, ort_pred_logits_maxabs=dl, ort_pred_boxes_maxabs=db, ort_threshold_absdiff=dthr,
            ort_cellfinder_on_golden_input_logits=np.abs(gl - g["pred_logits"]).max())
     assert dl <= TENSOR_TOL and db <= TENSOR_TOL
@@ -109,8 +111,8 @@ def test_int8_mask_agreement(reference, full_exports, case):
     _, fp, _ = run_case(reference, full_exports, case)
     _, q, _ = run_case(reference, full_exports, case, precision="int8")
     m = match_instances(fp.labels, q.labels)
-    emb_rel = np.abs(q.embedding - fp.embedding).max() / np.abs(fp.embedding).max()
-    same_kept = float(np.mean((fp.all_iou_predictions >= 0.5) == (q.all_iou_predictions >= 0.5)))
+    emb_rel = np.abs(q.details.embedding - fp.details.embedding).max() / np.abs(fp.details.embedding).max()
+    same_kept = float(np.mean((fp.details.all_iou_predictions >= 0.5) == (q.details.all_iou_predictions >= 0.5)))
     record(f"int8_{case}", mean_matched_iou=m.mean_iou, frac_matched_50=m.frac_matched_50,
            precision_50=m.precision_50, pixel_agreement=m.pixel_agreement, embedding_rel_maxabs=emb_rel,
            same_keep_decision=same_kept, cells=f"{m.n_test}/{m.n_reference}")

@@ -1,4 +1,6 @@
-"""Pipeline behaviour on a small model: batching, prompts, edge cases, channel layouts."""
+"""Pipeline behaviour on a small model: batching, prompts, edge cases, channel layouts.
+
+The stages are functions of ``cellsam_trt.pipeline``; ``segment`` runs them in sequence."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from cellsam_trt.engine.torch_backend import TorchBackend
 from cellsam_trt.model.cellsam import CellSAMConfig
 from cellsam_trt.model.checkpoint import load_state_dict
 from cellsam_trt.model.synthetic import synthetic_state_dict
-from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+from cellsam_trt import pipeline as P
+from cellsam_trt.pipeline import Channels, Prompts, SegmentSettings
 
 TINY = CellSAMConfig.tiny()
 
@@ -22,8 +25,8 @@ def tiny_model():
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_model):
-    return CellSAMPipeline(TorchBackend(tiny_model), keep_logits=True)
+def backend(tiny_model):
+    return TorchBackend(tiny_model)
 
 
 def cells_image(seed=0, h=200, w=240, n=12):
@@ -53,20 +56,20 @@ def test_batched_decoder_equals_per_box_loop(tiny_model):
 
 def test_chunked_decode_equals_one_call(tiny_model):
     img, boxes = cells_image()
-    a = CellSAMPipeline(TorchBackend(tiny_model, decode_chunk=5)).segment(img, boxes=boxes)
-    b = CellSAMPipeline(TorchBackend(tiny_model, decode_chunk=1000)).segment(img, boxes=boxes)
+    a = P.segment(TorchBackend(tiny_model, decode_chunk=5), img, Prompts(boxes=boxes))
+    b = P.segment(TorchBackend(tiny_model, decode_chunk=1000), img, Prompts(boxes=boxes))
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_allclose(a.iou_predictions, b.iou_predictions, atol=1e-5)
 
 
-def test_box_prompts_give_a_label_map(pipe):
+def test_box_prompts_give_a_label_map(backend):
     img, boxes = cells_image()
-    res = pipe.segment(img, boxes=boxes, return_embedding=True)
+    res = P.segment(backend, img, Prompts(boxes=boxes), return_embedding=True, keep_logits=True)
     assert res.labels.shape == img.shape and res.labels.dtype == np.int32
-    assert res.embedding.shape == (1, 256, 64, 64)
-    assert len(res.all_iou_predictions) == len(boxes)
-    assert res.boxes.shape == (len(res.prompt_index), 4)
-    np.testing.assert_allclose(res.boxes, boxes[res.prompt_index], atol=1e-3)
+    assert res.details.embedding.shape == (1, 256, 64, 64)
+    assert len(res.details.all_iou_predictions) == len(boxes)
+    assert res.boxes.shape == (len(res.details.prompt_index), 4)
+    np.testing.assert_allclose(res.boxes, boxes[res.details.prompt_index], atol=1e-3)
     # labels are sequential after the official post-processing
     ids = np.unique(res.labels)
     np.testing.assert_array_equal(ids, np.arange(len(ids)))
@@ -74,23 +77,24 @@ def test_box_prompts_give_a_label_map(pipe):
 
 def test_iou_threshold_drops_masks(tiny_model):
     img, boxes = cells_image()
-    keep_all = CellSAMPipeline(TorchBackend(tiny_model), SegmentSettings(iou_threshold=-1e9)).segment(img, boxes=boxes)
-    keep_none = CellSAMPipeline(TorchBackend(tiny_model), SegmentSettings(iou_threshold=1e9)).segment(img, boxes=boxes)
-    assert len(keep_all.prompt_index) == len(boxes)
-    assert len(keep_none.prompt_index) == 0 and not keep_none.labels.any()
+    be = TorchBackend(tiny_model)
+    keep_all = P.segment(be, img, Prompts(boxes=boxes), SegmentSettings(iou_threshold=-1e9))
+    keep_none = P.segment(be, img, Prompts(boxes=boxes), SegmentSettings(iou_threshold=1e9))
+    assert len(keep_all.details.prompt_index) == len(boxes)
+    assert len(keep_none.details.prompt_index) == 0 and not keep_none.labels.any()
 
 
-def test_point_prompts(pipe):
+def test_point_prompts(backend):
     img, boxes = cells_image()
     centres = ((boxes[:, :2] + boxes[:, 2:]) / 2)[:, None, :]
-    res = pipe.segment(img, points=centres, point_labels=np.ones((len(boxes), 1)))
+    res = P.segment(backend, img, Prompts(points=centres, point_labels=np.ones((len(boxes), 1))), keep_logits=True)
     assert res.labels.shape == img.shape
-    assert len(res.all_iou_predictions) == len(boxes)
+    assert len(res.details.all_iou_predictions) == len(boxes)
     # one prompt of several points, with a background point
-    res2 = pipe.segment(img, points=np.array([[50, 60], [10, 10]]), point_labels=np.array([1, 0]))
-    assert len(res2.all_iou_predictions) == 1
+    res2 = P.segment(backend, img, Prompts(points=np.array([[50, 60], [10, 10]]), point_labels=np.array([1, 0])))
+    assert len(res2.details.all_iou_predictions) == 1
     with pytest.raises(ValueError, match="labels"):
-        pipe.segment(img, points=centres, point_labels=np.full((len(boxes), 1), 3))
+        P.segment(backend, img, Prompts(points=centres, point_labels=np.full((len(boxes), 1), 3)))
 
 
 def test_points_are_embedded_as_sam_does(tiny_model):
@@ -106,27 +110,27 @@ def test_points_are_embedded_as_sam_does(tiny_model):
     torch.testing.assert_close(emb[0, 1], pe.not_a_point_embed.weight[0])
 
 
-def test_automatic_mode_runs_and_returns_thresholded_boxes(pipe):
+def test_automatic_mode_runs_and_returns_thresholded_boxes(backend):
     img, _ = cells_image(3)
-    res = pipe.segment(img)
-    assert res.threshold is not None
+    res = P.segment(backend, img, keep_logits=True)
+    assert res.details.threshold is not None
     assert res.labels.shape == img.shape
-    logits, _ = res.detections
+    logits, _ = res.details.detections
     assert logits.shape == (1, TINY.cellfinder.num_queries, 2)
     if res.scores is not None:
-        assert np.all(res.scores > res.threshold)
+        assert np.all(res.scores > res.details.threshold)
 
 
-def test_blank_image_gives_empty_labels_not_a_crash(pipe):
-    for mode in ({}, {"boxes": [[1, 1, 10, 10]]}):
-        res = pipe.segment(np.zeros((64, 80), np.uint16), **mode)
+def test_blank_image_gives_empty_labels_not_a_crash(backend):
+    for prompts in (None, Prompts(boxes=[[1, 1, 10, 10]])):
+        res = P.segment(backend, np.zeros((64, 80), np.uint16), prompts, keep_logits=True)
         assert res.labels.shape == (64, 80) and not res.labels.any()
         assert res.boxes.shape == (0, 4)
 
 
-def test_empty_box_list(pipe):
+def test_empty_box_list(backend):
     img, _ = cells_image()
-    res = pipe.segment(img, boxes=np.zeros((0, 4)))
+    res = P.segment(backend, img, Prompts(boxes=np.zeros((0, 4))), keep_logits=True)
     assert not res.labels.any() and res.labels.shape == img.shape
 
 
@@ -136,35 +140,35 @@ def test_empty_box_list(pipe):
     (np.zeros((10, 10, 5)), "3 channels"),
     (np.array([["a"]]), "dtype"),
 ])
-def test_bad_images_are_named(pipe, bad, match):
+def test_bad_images_are_named(backend, bad, match):
     with pytest.raises(ValueError, match=match):
-        pipe.segment(bad)
+        P.segment(backend, bad)
 
 
-def test_bad_boxes(pipe):
+def test_bad_boxes(backend):
     img, _ = cells_image()
     with pytest.raises(ValueError, match="XYXY"):
-        pipe.segment(img, boxes=[[1, 2, 3]])
+        P.segment(backend, img, Prompts(boxes=[[1, 2, 3]]))
 
 
-def test_channel_layouts_agree(pipe):
+def test_channel_layouts_agree(backend):
     img, boxes = cells_image(5)
     nuc = img
     cyto = np.roll(img, 3, axis=1)
     hwc = np.stack([nuc, cyto], -1)
     chw = np.moveaxis(hwc, -1, 0)
-    a = pipe.segment(hwc, boxes=boxes)
-    b = pipe.segment(chw, boxes=boxes)
+    a = P.segment(backend, hwc, Prompts(boxes=boxes))
+    b = P.segment(backend, chw, Prompts(boxes=boxes))
     np.testing.assert_array_equal(a.labels, b.labels)
-    c = CellSAMPipeline(pipe.backend, SegmentSettings(channel_axis=0)).segment(chw, boxes=boxes)
+    c = P.segment(backend, chw, Prompts(boxes=boxes), SegmentSettings(channels=Channels(axis=0)))
     np.testing.assert_array_equal(a.labels, c.labels)
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32, np.float64])
-def test_dtypes(pipe, dtype):
+def test_dtypes(backend, dtype):
     img, boxes = cells_image(6)
-    res = pipe.segment(img.astype(dtype), boxes=boxes[:3])
-    base = pipe.segment(img, boxes=boxes[:3])
+    res = P.segment(backend, img.astype(dtype), Prompts(boxes=boxes[:3]))
+    base = P.segment(backend, img, Prompts(boxes=boxes[:3]))
     np.testing.assert_array_equal(res.labels, base.labels)
 
 
@@ -172,8 +176,9 @@ def test_plain_sam_has_no_automatic_mode(tiny_model):
     model, kind = load_state_dict(
         {k[len("model."):]: v for k, v in synthetic_state_dict(0, TINY).items() if k.startswith("model.")}, cfg=TINY)
     assert kind == "sam"
-    p = CellSAMPipeline(TorchBackend(model))
+    be = TorchBackend(model)
+    assert not be.has_detector
     img, boxes = cells_image()
     with pytest.raises(ValueError, match="CellFinder"):
-        p.segment(img)
-    assert p.segment(img, boxes=boxes).labels.shape == img.shape
+        P.segment(be, img)
+    assert P.segment(be, img, Prompts(boxes=boxes)).labels.shape == img.shape

@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellsam_trt.metrics import StreamedInstanceMatch, match_instances
-from cellsam_trt.pipeline import _empty
+from cellsam_trt import pipeline as P
+from cellsam_trt.scheduler import ItemResult
 from cellsam_trt.slide import stitch
 from cellsam_trt.slide.grid import TileGrid, TileSettings, axis_tiles, route_prompts
 from cellsam_trt.slide.io import OmeZarrLabelWriter, SlideError, open_slide, read_labels
@@ -179,9 +180,10 @@ def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
     # the streamed per-cell table equals the in-memory one of the whole label map
     from cellsam_trt.outputs import TABLE_COLUMNS, cell_table
 
-    seg = _empty(*out.shape)
-    seg.labels = seg.labels_raw = out.astype(np.int32)
-    seg.iou_predictions = np.zeros(int(out.max()))
+    labels = out.astype(np.int32)
+    n = int(labels.max())
+    seg = P.Segmentation(labels, np.zeros((0, 4), np.float32), None, np.zeros(n),
+                         P.Details(labels, np.arange(1, n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)))
     want = cell_table(seg, 0)
     got = np.genfromtxt(table, delimiter=",", names=True)
     assert list(got.dtype.names) == list(TABLE_COLUMNS) and len(got) == res.cells
@@ -265,8 +267,6 @@ class _FailOn:
         self.fail_calls, self.interrupt_after, self.calls = set(fail_calls), interrupt_after, 0
 
     def segment_many(self, images, prompts=None, max_in_flight=1, **_):
-        from cellsam_trt.engine.api import ItemResult
-
         for i, img in enumerate(images):
             self.calls += 1
             if self.interrupt_after is not None and self.calls > self.interrupt_after:
@@ -316,10 +316,8 @@ class _BoxFill:
     """Fills each prompt box it receives (tile pixels) with its own label: shows where prompts land."""
 
     def segment_many(self, images, prompts=None, max_in_flight=1, **_):
-        from cellsam_trt.engine.api import ItemResult
-
         for i, (img, p) in enumerate(zip(images, prompts)):
-            seg = _empty(*img.shape[:2])
+            seg = P.empty(P.Prepared(None, *img.shape[:2]))
             for k, (x0, y0, x1, y1) in enumerate(np.round(p.boxes).astype(int)):
                 seg.labels[y0:y1, x0:x1] = k + 1
             yield ItemResult(i, None, seg, None, 0.0)

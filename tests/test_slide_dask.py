@@ -143,7 +143,7 @@ class _Flaky:
         self.inner = inner
 
     def segment_many(self, images, prompts=None, **kw):
-        from cellsam_trt.engine.api import ItemResult
+        from cellsam_trt.scheduler import ItemResult
 
         for i, img in enumerate(images):
             if not _Flaky.failed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_trt.export import specs as S
+from cellsam_trt.runtime import specs as S
 from cellsam_trt.model.cellsam import CellSAMConfig
 
 

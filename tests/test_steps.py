@@ -1,4 +1,5 @@
-"""Per-step parity with the golden intermediates, each stage fed the golden input of that stage."""
+"""Per-step parity with the golden intermediates, each stage fed the golden input of that stage
+(the low-level steps, and the pipeline's stage functions where they compute the same thing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 
 from conftest import AUTO_CASES, BOX_CASES, case_boxes, load_golden, record
 from cellsam_trt import labels as label_ops
+from cellsam_trt import pipeline as P
 from cellsam_trt import preprocess as pre
 from cellsam_trt import prompts as prompt_ops
 
@@ -24,6 +26,9 @@ def test_normalized_image(reference, case):
 def test_sam_encoder_input(reference, case):
     g = load_golden(reference, case)
     sq = pre.squashed(pre.normalize_image(pre.to_three_channels(g["image"])))
+    prepared = P.prepare(g["image"], P.SegmentSettings())  # the pipeline's stage
+    np.testing.assert_array_equal(prepared.squashed, sq)
+    assert (prepared.height, prepared.width) == pre.to_three_channels(g["image"]).shape[:2]
     x = pre.sam_encoder_input(sq, adv_mode=not case.endswith("nocp"))
     d = np.abs(x - g["sam_encoder_input"]).max()
     record(case, sam_encoder_input_maxabs=d)
@@ -35,6 +40,7 @@ def test_sam_encoder_input(reference, case):
 def test_cellfinder_input(reference, case):
     g = load_golden(reference, case)
     sq = pre.squashed(pre.normalize_image(pre.to_three_channels(g["image"])))
+    np.testing.assert_array_equal(P.prepare(g["image"], P.SegmentSettings()).squashed, sq)  # the pipeline's stage
     x = pre.cellfinder_input(sq, adv_mode=True)
     d = np.abs(x - g["cellfinder_input"]).max()
     record(case, cellfinder_input_maxabs=d)
@@ -48,6 +54,10 @@ def test_box_scaling_is_exact(reference, case):
     b = prompt_ops.scale_boxes_to_model(case_boxes(reference, case), h, w)
     np.testing.assert_array_equal(b, g["boxes_prompt_1024"])
     np.testing.assert_array_equal(prompt_ops.scale_boxes_to_image(b, h, w), g["boxes_prompt_orig"])
+    # the pipeline's stage (no backend call for box prompts)
+    ps = P.find_prompts(None, P.Prepared(None, h, w), P.Prompts(boxes=case_boxes(reference, case)), P.SegmentSettings())
+    np.testing.assert_array_equal(ps.boxes, g["boxes_prompt_1024"])
+    assert ps.points is None and ps.scores is None and ps.threshold is None
 
 
 @pytest.mark.parametrize("case", AUTO_CASES)

@@ -16,8 +16,8 @@ import types
 import numpy as np
 import pytest
 
-from cellsam_trt.export import engine_file as EF
-from cellsam_trt.export import specs as S
+from cellsam_trt.runtime import engine_file as EF
+from cellsam_trt.runtime import specs as S
 from cellsam_trt.export import tensorrt_build as TB
 from test_trt import tiny_export  # noqa: F401  (module-scoped fixture: a real tiny export)
 from test_trt_runtime_fake import GPU, FakeCudart

@@ -1,90 +1,88 @@
 """TensorRT 10 backend: runs the engines of ``cellsam-trt build`` with cuda-python.
 
-Implements ``engine.base.Backend`` on NumPy float32 in the 1024 frame:
+``TrtBackend(engine_dir)`` is an ``engine.base.Backend``: batching up to the engine's max B,
+the decoder's prompt layout and chunks (``decode_chunk`` = the decoder engine's max N) and the
+input checks against each engine's spec are the base's. Each engine gets one ``TrtRunner``:
 
-* ``encode``: (B, 3, 1024, 1024) -> (B, 256, 64, 64), in calls of at most the engine's max B;
-* ``detect``: (B, 3, 1024, 1024) -> pred_logits (B, Q, 2), pred_boxes (B, Q, 4) cxcywh in [0, 1];
-* ``decode``: one embedding (1, 256, 64, 64) and N prompts -> low-res logits (N, 256, 256),
-  IoU predictions (N,), in calls of at most the engine's max N (``decode_chunk``); the
-  embedding is uploaded once per ``decode`` call and reused by every chunk.
+* an execution context, its own non-blocking CUDA stream and a completion event, and one
+  ``HostDeviceBuffer`` per I/O tensor (pinned host staging + device memory, one owner that
+  frees both), sized once for the profile maxima in the engine's dtype, so tensor addresses
+  are set once;
+* ``infer_impl``: make the runner's device current (``cudaSetDevice`` binds only the calling
+  thread, and the schedulers call runners from worker threads), stage each input in pinned
+  memory cast to the engine's dtype, enqueue its host->device copy, ``set_input_shape``,
+  ``execute_async_v3``, the device->host copies of the outputs, record the event, wait for
+  it; the outputs come back as new arrays in the spec's dtype (float32);
+* CUDA graphs: the encoder and CellFinder at batch 1 (a fixed shape) are captured after one
+  ordinary enqueue and replayed while the runner's shapes stay those of the capture; a failed
+  capture leaves the runner on ordinary enqueues;
+* the decoder's runner keeps the embedding on the device: an ``image_embeddings`` array that
+  is the same object, with the same shape, as the one it last uploaded is not uploaded again,
+  so the chunks of one ``decode`` share one upload. ``decode_chunks`` drops the kept array at
+  the start of each call, so an array changed in place between two calls is uploaded again;
+  an array changed in place while one call's chunks are running is not.
 
-How it runs
-    Each engine gets one ``_EngineRunner``: an execution context, its own non-blocking CUDA
-    stream and a completion event, and one ``HostDeviceBuffer`` per I/O tensor (pinned host
-    staging + device memory, one owner that frees both) sized ONCE for the profile maxima, so
-    tensor addresses are set once. A call checks the inputs against the spec (from the
-    engine header; ``InputSpecError`` names the input), copies them into the pinned staging
-    buffers, enqueues host->device copies, ``set_input_shape`` + ``execute_async_v3``, the
-    device->host copies of the outputs, records the event and waits for it. The encoder and
-    CellFinder at batch 1 (a fixed shape) are captured into a CUDA graph after one ordinary
-    enqueue and replayed afterwards. Runners are locked individually, so the encoder /
-    CellFinder and the decoder can run concurrently from different threads (``gpu_pipeline``)
-    on their own streams.
+Engine I/O dtypes: FLOAT, HALF, INT32, INT64 and BOOL are staged as the NumPy dtype of the
+same layout; BF16 (NumPy has none) and other types are refused when the runner is made.
 
 Before deserializing, every engine header is checked against this machine (TensorRT version,
-GPU name and compute capability, ``export.engine_file``): a mismatch raises
+GPU name and compute capability, ``runtime.engine_file``): a mismatch raises
 ``EngineCompatError`` with the ``cellsam-trt build`` command that rebuilds the engine.
 
-NOT RUN: no TensorRT and no GPU were available where this was written; nothing in this file
-has executed against a real engine or a real CUDA device. Its control flow and data movement
-are tested with stand-in ``tensorrt`` / ``cudart`` modules (``tests/test_trt_runtime_fake.py``),
-everything around it (headers, plans, calibration logic, spec checks) on the CPU. The calls
-were checked as follows:
+Not run against a real TensorRT or CUDA device: the data movement is tested with stand-in
+``tensorrt`` / ``cudart`` modules (``tests/test_trt_runtime_fake.py``). The calls were checked
+against:
 
-* TensorRT 10 Python API. Exact Python names, argument orders and return values were read in
-  the pybind11 binding sources and docstrings of NVIDIA/TensorRT at tags v10.0.0 and v10.13.0
+* TensorRT 10 Python API (also the sources ``export/tensorrt_build`` was checked against): the
+  pybind11 binding sources and docstrings of NVIDIA/TensorRT v10.0.0 and v10.13.0
   (python/src/infer/pyCore.cpp, pyGraph.cpp, pyInt8.cpp, pyFoundationalTypes.cpp,
   python/src/parsers/pyOnnx.cpp, python/docstrings/infer/pyCoreDoc.h, pyGraphDoc.h,
-  pyInt8Doc.h, python/packaging/bindings_wheel/tensorrt/__init__.py, include/NvInfer.h), and
-  cross-checked with the documentation pages found by search:
-  docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ExecutionContext.html,
-  .../python-api/infer/Core/OptimizationProfile.html, the TensorRT 10.x C++ pages of
-  IExecutionContext and IOptimizationProfile, and "Migrating from enqueueV2 to enqueueV3"
-  (docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-8x-to-10x-c-api-patterns.html:
-  set every I/O tensor address, then enqueueV3). Calls used here:
+  pyInt8Doc.h, include/NvInfer.h; the dtype aliases ``trt.float32`` ... ``trt.bool`` in
+  python/packaging/bindings_wheel/tensorrt/__init__.py) and the ExecutionContext /
+  OptimizationProfile pages and the 8.x -> 10.x migration guide on docs.nvidia.com (set every
+  I/O tensor address, then ``enqueueV3``). Used here:
   ``trt.Logger(trt.Logger.WARNING)``, ``trt.Runtime(logger).deserialize_cuda_engine(buffer)``
-  (returns None on failure), ``engine.num_io_tensors``, ``get_tensor_name(i)``,
+  (None on failure), ``engine.num_io_tensors``, ``get_tensor_name(i)``,
   ``get_tensor_mode(name)`` (``trt.TensorIOMode.INPUT``), ``get_tensor_dtype(name)``,
-  ``get_tensor_profile_shape(name, profile_index)`` -> [min, opt, max],
-  ``engine.create_execution_context()``, ``context.set_input_shape(name, shape)`` (bool),
-  ``context.set_tensor_address(name, int_ptr)`` (bool), ``context.get_tensor_shape(name)``,
-  ``context.execute_async_v3(stream_handle: int)`` (bool; the docstring asks for a
-  non-default stream), ``trt.float32`` (module alias of ``trt.DataType.FLOAT``).
-* cuda-python (``cuda.bindings.runtime``, NVIDIA's bindings): signatures and return tuples
-  read from the docstrings of the installed cuda-bindings 13.4 and tried without a driver
-  (every call returns ``(cudaError_t, *values)``; ``int(cudaStream_t)`` is the raw handle):
-  ``cudaMallocHost(size)`` -> (err, ptr), ``cudaMalloc(size)``, ``cudaFreeHost``, ``cudaFree``,
-  ``cudaMemcpyAsync(dst, src, count, kind, stream)`` with ``cudaMemcpyKind.cudaMemcpyHostToDevice``
-  / ``DeviceToHost``, ``cudaMemcpy``, ``cudaStreamCreateWithFlags(cudaStreamNonBlocking)``,
-  ``cudaEventCreateWithFlags(cudaEventDisableTiming)``, ``cudaEventRecord(event, stream)``,
-  ``cudaEventSynchronize``, ``cudaStreamBeginCapture(stream,
-  cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)``, ``cudaStreamEndCapture(stream)``
-  -> (err, graph), ``cudaGraphInstantiate(graph, 0)`` -> (err, graph_exec),
-  ``cudaGraphLaunch(graph_exec, stream)``, ``cudaGraphExecDestroy``, ``cudaGraphDestroy``,
-  ``cudaStreamDestroy``, ``cudaEventDestroy``, ``cudaSetDevice``,
-  ``cudaGetDeviceProperties(device)`` -> (err, prop) with ``prop.name`` (bytes) / ``major`` /
-  ``minor`` / ``totalGlobalMem``, ``cudaGetErrorString(err)`` -> (err, bytes).
-* Not found by the document search, taken from the TensorRT developer guide's "CUDA Graphs"
-  section as remembered: enqueue once before capturing (deferred shape work must not happen
-  inside the capture), and a graph is valid only for the shapes and addresses it was captured
-  with. A failed capture is therefore not fatal here: the runner keeps ordinary enqueues.
+  ``get_tensor_profile_shape(name, 0)`` -> [min, opt, max], ``create_execution_context()``,
+  ``context.set_input_shape`` / ``set_tensor_address(name, int)`` (bool),
+  ``context.get_tensor_shape(name)``, ``context.execute_async_v3(stream: int)`` (bool; a
+  non-default stream).
+* cuda-python (``cuda.bindings.runtime``): the docstrings of cuda-bindings 13.4; every call
+  returns ``(cudaError_t, *values)`` and ``int(cudaStream_t)`` is the raw handle. Used:
+  ``cudaSetDevice``, ``cudaGetDeviceProperties`` (``name`` bytes, ``major``, ``minor``,
+  ``totalGlobalMem``), ``cudaMallocHost`` / ``cudaMalloc`` / ``cudaFreeHost`` / ``cudaFree``,
+  ``cudaMemcpyAsync(dst, src, count, kind, stream)``, ``cudaMemcpy``,
+  ``cudaStreamCreateWithFlags(cudaStreamNonBlocking)``,
+  ``cudaEventCreateWithFlags(cudaEventDisableTiming)``, ``cudaEventRecord``,
+  ``cudaEventSynchronize``, ``cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal)``,
+  ``cudaStreamEndCapture`` -> (err, graph), ``cudaGraphInstantiate(graph, 0)`` -> (err, exec),
+  ``cudaGraphLaunch``, ``cudaGraphExecDestroy``, ``cudaGraphDestroy``, ``cudaStreamDestroy``,
+  ``cudaEventDestroy``, ``cudaGetErrorString``.
+* CUDA graphs: the TensorRT developer guide's "CUDA Graphs" section as remembered (the
+  document search did not find it): enqueue once before capturing, so that deferred shape
+  work is not captured; a graph holds only for the shapes and addresses it was captured with.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from ..export import engine_file as EF
-from ..export import specs as S
-from ..export.wrappers import prompt_tokens
+from ..runtime import engine_file as EF
+from ..runtime import specs as S
+from .base import Backend, BackendError, Runner
+
+# TensorRT dtype alias (module attribute of ``tensorrt``) -> NumPy dtype of the same layout
+_TRT_TO_NUMPY = (("float32", np.float32), ("float16", np.float16), ("int32", np.int32),
+                 ("int64", np.int64), ("bool", np.bool_))
 
 
-class TrtUnavailable(RuntimeError):
+class TrtUnavailable(BackendError):
     """TensorRT or cuda-python is missing, or there is no CUDA device."""
 
 
@@ -115,17 +113,20 @@ def _check(result, call: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def query_gpu(device_id: int = 0):
-    """``GpuFacts`` of CUDA device ``device_id`` (TrtUnavailable when there is none)."""
-    from ..export.tensorrt_build import GpuFacts
+def _set_device(device_id: int) -> None:
+    """Make ``device_id`` current for the calling thread (``cudaSetDevice`` is per thread)."""
+    _check(_cudart().cudaSetDevice(device_id), "cudaSetDevice")
 
+
+def query_gpu(device_id: int = 0) -> EF.GpuFacts:
+    """``GpuFacts`` of CUDA device ``device_id`` (TrtUnavailable when there is none)."""
     cudart = _cudart()
     try:
         prop = _check(cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
     except CudaError as e:
         raise TrtUnavailable(f"no usable CUDA device {device_id}: {e}") from e
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return GpuFacts(name.split("\x00")[0].strip(), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
+    return EF.GpuFacts(name.split("\x00")[0].strip(), (int(prop.major), int(prop.minor)), int(prop.totalGlobalMem))
 
 
 def runtime_facts(device_id: int = 0) -> EF.RuntimeFacts:
@@ -144,7 +145,8 @@ def engine_files(engine_dir: str | os.PathLike) -> dict[str, Path]:
     return {m: p for m, p in out.items() if p.is_file()}
 
 
-def check_engine_dir(engine_dir: str | os.PathLike, facts: EF.RuntimeFacts, strict_gpu_name: bool = True) -> dict[str, dict]:
+def check_engine_dir(engine_dir: str | os.PathLike, facts: EF.RuntimeFacts,
+                     strict_gpu_name: bool = True) -> dict[str, dict]:
     """Headers of the engines in ``engine_dir``, each checked against ``facts`` (no TensorRT
     needed). Raises EngineCompatError (with the rebuild command) for the first mismatch and
     FileNotFoundError when the image encoder or decoder engine is missing."""
@@ -163,11 +165,25 @@ def check_engine_dir(engine_dir: str | os.PathLike, facts: EF.RuntimeFacts, stri
     return headers
 
 
+def numpy_dtype(trt, trt_dtype, where: str = "tensor") -> np.dtype:
+    """The NumPy dtype that stages a TensorRT I/O dtype (FLOAT, HALF, INT32, INT64, BOOL).
+    EngineFileError for BF16 (NumPy has no bfloat16) and every other type."""
+    for alias, np_type in _TRT_TO_NUMPY:
+        if hasattr(trt, alias) and trt_dtype == getattr(trt, alias):
+            return np.dtype(np_type)
+    if hasattr(trt, "bfloat16") and trt_dtype == trt.bfloat16:
+        raise EF.EngineFileError(f"{where} is BF16 at the engine's inputs / outputs; NumPy has no bfloat16, so "
+                                 "this runtime cannot stage it (build the engine with FP32 or FP16 I/O)")
+    raise EF.EngineFileError(f"{where} has TensorRT dtype {trt_dtype}, which this runtime does not stage "
+                             "(FLOAT, HALF, INT32, INT64 or BOOL)")
+
+
 class HostDeviceBuffer:
     """Pinned host staging memory and device memory of the same size, owned together.
 
-    shape: the largest shape the buffer must hold; dtype: NumPy dtype. ``free()`` (also on
-    garbage collection) releases both. Not thread-safe: one owner (a runner) uses it.
+    shape: the largest shape the buffer must hold; dtype: NumPy dtype of its elements. The
+    device memory is on the current device of the calling thread. ``free()`` (also on garbage
+    collection) releases both. Not thread-safe: one owner (a runner) uses it.
     """
 
     def __init__(self, shape, dtype=np.float32) -> None:
@@ -185,16 +201,24 @@ class HostDeviceBuffer:
         self._host_bytes = np.ctypeslib.as_array(raw)
 
     def host_view(self, shape) -> np.ndarray:
+        """The first prod(shape) elements of the pinned staging memory, as ``dtype``."""
         n = int(np.prod(shape)) * self.dtype.itemsize
         if n > self.capacity:
             raise ValueError(f"shape {tuple(shape)} needs {n} bytes, buffer holds {self.capacity}")
         return self._host_bytes[:n].view(self.dtype).reshape(shape)
 
+    def _stage(self, array: np.ndarray) -> int:
+        """Copy ``array`` into pinned memory, cast to ``dtype`` in the same pass; its byte count."""
+        array = np.asarray(array)
+        view = self.host_view(array.shape)
+        np.copyto(view, array, casting="unsafe")
+        return view.nbytes
+
     def upload(self, array: np.ndarray, stream) -> None:
-        """Stage ``array`` in pinned memory and enqueue its host->device copy on ``stream``."""
-        a = np.ascontiguousarray(array, dtype=self.dtype)
-        np.copyto(self.host_view(a.shape), a)
-        _check(self.cudart.cudaMemcpyAsync(self.device, self.host, a.nbytes,
+        """Stage ``array`` (cast to ``dtype``) in pinned memory and enqueue its host->device
+        copy on ``stream``."""
+        n = self._stage(array)
+        _check(self.cudart.cudaMemcpyAsync(self.device, self.host, n,
                                            self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
                "cudaMemcpyAsync(H2D)")
 
@@ -207,9 +231,8 @@ class HostDeviceBuffer:
 
     def upload_sync(self, array: np.ndarray) -> int:
         """Synchronous upload (the INT8 calibrator); returns the device address."""
-        a = np.ascontiguousarray(array, dtype=self.dtype)
-        np.copyto(self.host_view(a.shape), a)
-        _check(self.cudart.cudaMemcpy(self.device, self.host, a.nbytes,
+        n = self._stage(array)
+        _check(self.cudart.cudaMemcpy(self.device, self.host, n,
                                       self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy(H2D)")
         return self.device
 
@@ -229,31 +252,50 @@ class HostDeviceBuffer:
             pass
 
 
-class _EngineRunner:
-    """One engine: context, stream, event, fixed I/O buffers, CUDA graphs for fixed shapes."""
+class TrtRunner(Runner):
+    """One engine on device ``device_id``: execution context, stream, event, I/O buffers sized
+    for the profile maxima in the engine's dtypes, CUDA graphs for the input shapes in
+    ``graph_shapes`` (tuples of every input's shape).
 
-    def __init__(self, trt, engine, spec: S.ModelSpec, graph_shapes: set, path: Path) -> None:
+    resident_input: an input kept on the device between calls (the decoder's
+    ``image_embeddings``): not uploaded again when ``infer`` gets the same array object with
+    the same shape as the last upload (``forget_resident`` drops it). The runner holds a
+    reference to that array until then.
+    """
+
+    def __init__(self, spec: S.ModelSpec, trt, engine, path: str | os.PathLike, device_id: int = 0,
+                 graph_shapes=(), resident_input: str | None = None) -> None:
+        super().__init__(spec)
         self.cudart = _cudart()
-        self.trt, self.engine, self.spec, self.path = trt, engine, spec, path
-        self._check_io()
-        self.context = engine.create_execution_context()
-        if self.context is None:
-            raise TrtUnavailable(f"{path}: could not create an execution context (out of GPU memory?)")
-        self.stream = _check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
-                             "cudaStreamCreateWithFlags")
-        self.done = _check(self.cudart.cudaEventCreateWithFlags(self.cudart.cudaEventDisableTiming),
-                           "cudaEventCreateWithFlags")
+        self.trt, self.engine, self.path, self.device_id = trt, engine, Path(path), device_id
+        self.context = self.stream = self.done = None
         self.buffers: dict[str, HostDeviceBuffer] = {}
-        for t in spec.inputs + spec.outputs:
-            self.buffers[t.name] = HostDeviceBuffer(t.dims("max"), t.np_dtype)
-            if not self.context.set_tensor_address(t.name, self.buffers[t.name].device):
-                raise TrtUnavailable(f"{path}: set_tensor_address({t.name!r}) failed")
-        self.graph_shapes = set(graph_shapes)
         self.graphs: dict[tuple, tuple] = {}
+        self.graph_shapes = set(graph_shapes)
         self.last_key = None
-        self.lock = threading.RLock()  # decode() holds it across chunks; run() re-enters
+        self.resident_input = resident_input
+        self._resident: tuple[np.ndarray, tuple] | None = None
+        _set_device(device_id)
+        self.dtypes = self._check_io()
+        try:
+            self.context = engine.create_execution_context()
+            if self.context is None:
+                raise TrtUnavailable(f"{path}: could not create an execution context (out of GPU memory?)")
+            self.stream = _check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
+                                 "cudaStreamCreateWithFlags")
+            self.done = _check(self.cudart.cudaEventCreateWithFlags(self.cudart.cudaEventDisableTiming),
+                               "cudaEventCreateWithFlags")
+            for t in spec.inputs + spec.outputs:
+                self.buffers[t.name] = HostDeviceBuffer(t.dims("max"), self.dtypes[t.name])
+                if not self.context.set_tensor_address(t.name, self.buffers[t.name].device):
+                    raise TrtUnavailable(f"{path}: set_tensor_address({t.name!r}) failed")
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_io(self) -> None:
+    def _check_io(self) -> dict[str, np.dtype]:
+        """Check the engine's I/O names and profile against the spec; the NumPy dtype of each
+        I/O tensor."""
         trt, eng = self.trt, self.engine
         names = [eng.get_tensor_name(i) for i in range(eng.num_io_tensors)]
         inputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -261,19 +303,48 @@ class _EngineRunner:
         if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
             raise EF.EngineFileError(f"{self.path}: engine I/O {inputs} -> {outputs} does not match its spec "
                                      f"{self.spec.input_names} -> {self.spec.output_names}")
-        for t in self.spec.inputs + self.spec.outputs:
-            if eng.get_tensor_dtype(t.name) != trt.float32:
-                raise EF.EngineFileError(f"{self.path}: tensor {t.name!r} is {eng.get_tensor_dtype(t.name)}, not float32")
         for t in self.spec.inputs:
             mn, op, mx = (tuple(s) for s in eng.get_tensor_profile_shape(t.name, 0))
             if mn != t.dims("min") or mx != t.dims("max"):
                 raise EF.EngineFileError(f"{self.path}: profile of {t.name!r} is {mn}..{mx}, the header spec says "
                                          f"{t.dims('min')}..{t.dims('max')}")
+        return {n: numpy_dtype(trt, eng.get_tensor_dtype(n), f"{self.path}: tensor {n!r}") for n in names}
 
-    def upload(self, name: str, array: np.ndarray) -> None:
+    def forget_resident(self) -> None:
+        """Upload ``resident_input`` on the next call whatever array it gets."""
+        self._resident = None  # one assignment: safe without the lock
+
+    def _upload(self, name: str, array: np.ndarray) -> None:
         self.buffers[name].upload(array, self.stream)
         if not self.context.set_input_shape(name, tuple(array.shape)):
-            raise RuntimeError(f"{self.path}: set_input_shape({name!r}, {array.shape}) rejected")
+            raise RuntimeError(f"{self.path}: set_input_shape({name!r}, {tuple(array.shape)}) rejected")
+
+    def infer_impl(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Upload, execute, download on this runner's stream; the outputs (new arrays in the
+        spec's dtypes) in spec order."""
+        _set_device(self.device_id)  # this thread may never have used the device
+        for t in self.spec.inputs:
+            a = feeds[t.name]
+            if t.name == self.resident_input:
+                kept = self._resident
+                if kept is not None and kept[0] is a and kept[1] == a.shape:
+                    continue  # on the device already, with its input shape set
+                self._resident = None
+                self._upload(t.name, a)
+                self._resident = (a, a.shape)
+            else:
+                self._upload(t.name, a)
+        key = tuple(tuple(feeds[n].shape) for n in self.spec.input_names)
+        self._enqueue(key)
+        self.last_key = key
+        shapes = []
+        for t in self.spec.outputs:
+            shape = tuple(self.context.get_tensor_shape(t.name))
+            self.buffers[t.name].download(shape, self.stream)
+            shapes.append(shape)
+        _check(self.cudart.cudaEventRecord(self.done, self.stream), "cudaEventRecord")
+        _check(self.cudart.cudaEventSynchronize(self.done), "cudaEventSynchronize")
+        return [self.buffers[t.name].host_view(s).astype(t.np_dtype) for t, s in zip(self.spec.outputs, shapes)]
 
     def _enqueue(self, key: tuple) -> None:
         if key in self.graphs and self.last_key == key:
@@ -311,49 +382,40 @@ class _EngineRunner:
             return
         self.graphs[key] = (graph, exe)
 
-    def run(self, feeds: dict[str, np.ndarray], resident: tuple[str, ...] = ()) -> list[np.ndarray]:
-        """Check, upload (except ``resident`` inputs already on the device with their shape
-        set), execute, download. Returns the outputs (new arrays) in spec order."""
-        with self.lock:
-            for name, a in feeds.items():
-                if name not in resident:
-                    self.upload(name, a)
-            key = tuple(tuple(feeds[n].shape) for n in self.spec.input_names)
-            self._enqueue(key)
-            self.last_key = key
-            shapes = []
-            for t in self.spec.outputs:
-                shape = tuple(self.context.get_tensor_shape(t.name))
-                self.buffers[t.name].download(shape, self.stream)
-                shapes.append(shape)
-            _check(self.cudart.cudaEventRecord(self.done, self.stream), "cudaEventRecord")
-            _check(self.cudart.cudaEventSynchronize(self.done), "cudaEventSynchronize")
-            return [self.buffers[t.name].host_view(s).copy() for t, s in zip(self.spec.outputs, shapes)]
-
     def close(self) -> None:
-        cudart = self.cudart
-        for graph, exe in self.graphs.values():
-            cudart.cudaGraphExecDestroy(exe)
-            cudart.cudaGraphDestroy(graph)
-        self.graphs.clear()
-        self.context = None
-        for b in self.buffers.values():
-            b.free()
-        self.buffers.clear()
-        if self.done is not None:
-            cudart.cudaEventDestroy(self.done)
-            self.done = None
-        if self.stream is not None:
-            cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
+        """Free the graphs, buffers, event, stream, context and engine (waits for a running call)."""
+        with self.lock:
+            cudart = self.cudart
+            try:
+                _set_device(self.device_id)
+            except CudaError:
+                pass  # release what can be released
+            for graph, exe in self.graphs.values():
+                cudart.cudaGraphExecDestroy(exe)
+                cudart.cudaGraphDestroy(graph)
+            self.graphs.clear()
+            self.last_key = None
+            self._resident = None
+            self.context = None
+            for b in self.buffers.values():
+                b.free()
+            self.buffers.clear()
+            if self.done is not None:
+                cudart.cudaEventDestroy(self.done)
+                self.done = None
+            if self.stream is not None:
+                cudart.cudaStreamDestroy(self.stream)
+                self.stream = None
+            self.engine = None
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     """Runs the engines in ``engine_dir`` (``cellsam-trt build``) on CUDA device ``device_id``.
 
-    decode_chunk: prompts per decoder call (default and maximum: the engine's max N).
+    decode_chunk: prompts per decoder call (default and maximum: the decoder engine's max N).
     cuda_graphs: capture the encoder / CellFinder at batch 1 into CUDA graphs.
     strict_gpu_name: refuse engines built on another GPU model of the same architecture.
+    The encoder and decoder engines are loaded here, the CellFinder's on first use.
     """
 
     name = "trt"
@@ -364,98 +426,45 @@ class TrtBackend:
             import tensorrt as trt
         except ImportError as e:
             raise TrtUnavailable("TensorRT is not installed (pip install 'cellsam-trt[trt]')") from e
-        cudart = _cudart()
         self.engine_dir = Path(engine_dir)
         self.device_id = device_id
         self.facts = runtime_facts(device_id)
         self.headers = check_engine_dir(self.engine_dir, self.facts, strict_gpu_name)
-        _check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
-        self.specs = {m: S.ModelSpec.from_dict(h["spec"]) for m, h in self.headers.items()}
-        export = self.headers[S.ENCODER].get("export", {})
-        self.adv_mode = bool(export.get("adv_mode"))
-        self.has_detector = S.CELLFINDER in self.headers
-        self.precision = self.headers[S.ENCODER].get("precision")
+        super().__init__({m: S.ModelSpec.from_dict(h["spec"]) for m, h in self.headers.items()})
+        self.device = f"cuda:{device_id}"
+        self.precision = self.headers[S.ENCODER].get("precision", self.precision)
+        self.adv_mode = bool(self.headers[S.ENCODER].get("export", {}).get("adv_mode"))
         n_max = self.specs[S.DECODER].dims()["N"].max
         self.decode_chunk = min(decode_chunk or n_max, n_max)
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._cuda_graphs = cuda_graphs
-        self._runners: dict[str, _EngineRunner] = {}
-        self._lock = threading.Lock()
-        for m in (S.ENCODER, S.DECODER):
-            self._runner(m)
+        try:
+            for m in (S.ENCODER, S.DECODER):
+                self.runner(m)
+        except BaseException:
+            self.close()  # free what the first engine took
+            raise
 
-    def _runner(self, model: str) -> _EngineRunner:
-        r = self._runners.get(model)
-        if r is not None:
-            return r
-        with self._lock:
-            if model not in self._runners:
-                if model not in self.headers:
-                    raise RuntimeError(f"{self.engine_dir}: no {model} engine")
-                path = EF.engine_path(self.engine_dir, model)
-                header, blob = EF.read_engine_file(path)
-                engine = self._runtime.deserialize_cuda_engine(blob)
-                if engine is None:
-                    raise EF.EngineCompatError(str(path), ["TensorRT could not deserialize the engine"],
-                                               EF.rebuild_command(header, path))
-                spec = self.specs[model]
-                graphs = set()
-                if self._cuda_graphs and model in (S.ENCODER, S.CELLFINDER):
-                    graphs.add(((1,) + tuple(spec.inputs[0].dims("opt")[1:]),))
-                self._runners[model] = _EngineRunner(self._trt, engine, spec, graphs, path)
-            return self._runners[model]
+    def make_runner(self, graph: str, stream: int | None) -> TrtRunner:
+        """Deserialize ``graph``'s engine on this backend's device and wrap it in a runner."""
+        path = EF.engine_path(self.engine_dir, graph)
+        header, blob = EF.read_engine_file(path)
+        _set_device(self.device_id)  # the engine goes to the calling thread's current device
+        engine = self._runtime.deserialize_cuda_engine(blob)
+        if engine is None:
+            raise EF.EngineCompatError(str(path), ["TensorRT could not deserialize the engine"],
+                                       EF.rebuild_command(header, path))
+        spec = self.specs[graph]
+        graph_shapes = set()
+        if self._cuda_graphs and graph in (S.ENCODER, S.CELLFINDER):
+            graph_shapes.add(((1,) + tuple(spec.inputs[0].dims("opt")[1:]),))
+        resident = "image_embeddings" if graph == S.DECODER else None
+        return TrtRunner(spec, self._trt, engine, path, self.device_id, graph_shapes, resident)
 
-    def _batched(self, model: str, image: np.ndarray) -> list[np.ndarray]:
-        spec = self.specs[model]
-        x = np.ascontiguousarray(image, dtype=np.float32)
-        b = spec.inputs[0].shape[0]
-        max_b = b.max if isinstance(b, S.Dim) else int(b)
-        name = spec.input_names[0]
-        runner = self._runner(model)
-        parts = []
-        for s in range(0, max(1, x.shape[0] if x.ndim == 4 else 1), max_b):
-            feed = {name: x[s:s + max_b] if x.ndim == 4 else x}
-            spec.check_inputs(feed)
-            parts.append(runner.run(feed))
-        return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
-
-    # -- Backend protocol ----------------------------------------------------------------------
-    def encode(self, image: np.ndarray) -> np.ndarray:
-        return self._batched(S.ENCODER, image)[0]
-
-    def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if not self.has_detector:
-            raise RuntimeError("no CellFinder engine (plain SAM export): give box or point prompts")
-        logits, boxes = self._batched(S.CELLFINDER, image)
-        return logits, boxes
-
-    def decode(self, embedding, boxes=None, points=None, point_labels=None):
-        spec = self.specs[S.DECODER]
-        coords, labels = prompt_tokens(boxes, points, point_labels)
-        n = coords.shape[0]
-        side = spec.outputs[0].shape[-1]
-        if n == 0:
-            return np.zeros((0, side, side), np.float32), np.zeros((0,), np.float32)
-        emb = np.ascontiguousarray(embedding, dtype=np.float32)
-        spec.check_inputs({"image_embeddings": emb, "point_coords": coords[:1], "point_labels": labels[:1]})
-        runner = self._runner(S.DECODER)
-        logits, ious = [], []
-        with runner.lock:  # the embedding stays resident across this call's chunks
-            runner.upload("image_embeddings", emb)
-            for s in range(0, n, self.decode_chunk):
-                feeds = {"image_embeddings": emb, "point_coords": coords[s:s + self.decode_chunk],
-                         "point_labels": labels[s:s + self.decode_chunk]}
-                spec.check_inputs(feeds)
-                lr, iou = runner.run(feeds, resident=("image_embeddings",))
-                logits.append(lr[:, 0])
-                ious.append(iou[:, 0])
-        return np.concatenate(logits), np.concatenate(ious)
-
-    def close(self) -> None:
-        """Free the device memory, graphs, streams and contexts."""
-        with self._lock:
-            for r in self._runners.values():
-                r.close()
-            self._runners.clear()
+    def decode_chunks(self, *args, **kwargs):
+        """``Backend.decode_chunks`` (same arguments). The decoder runner's kept embedding is
+        dropped first, so the embedding is uploaded once per call and reused by its chunks."""
+        self.runner(S.DECODER).forget_resident()
+        yield from super().decode_chunks(*args, **kwargs)

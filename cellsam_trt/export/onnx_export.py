@@ -39,17 +39,14 @@ import torch
 
 from .. import __version__
 from ..model.checkpoint import sha256_file
-from . import specs as S
+from ..runtime import specs as S
+from ..runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from .formats import IR_VERSION, OPSET
+from .quantize import quantize_int8
 from .trt_compat import assert_trt_compatible
-from .wrappers import (CellFinderGraph, ContextDecoderGraph, EncoderGraph, PromptContextGraph, PromptDecoderGraph,
-                       prompt_tokens)
+from ..runtime.prompt_layout import prompt_tokens
+from .wrappers import CellFinderGraph, ContextDecoderGraph, EncoderGraph, PromptContextGraph, PromptDecoderGraph
 
-OPSET = 17
-IR_VERSION = 10  # onnx 1.23 writes IR 14, which onnxruntime 1.31 rejects
-MANIFEST = "manifest.json"
-FORMAT = "cellsam-trt-onnx"
-FORMAT_VERSION = 2  # 2: the decoder's split form (specs.CONTEXT_GRAPHS) is written with it
-READABLE_VERSIONS = (1, 2)  # a v1 export runs, with the whole decoder only
 DEFAULT_TOL = 1e-4  # max |ort - torch| / max(1, max |torch|) per output
 
 
@@ -330,8 +327,6 @@ def export_model(
                      "validation": {"max_abs_diff": res.max_abs_diff, "cases": [c.name for c in cases],
                                     "tolerance_scaled": tol}}
             if int8 and name in (S.ENCODER, S.CELLFINDER):
-                from .quantize import quantize_int8
-
                 q_name = spec.filename.replace(".onnx", ".int8.onnx")
                 say(f"  quantizing {name} (dynamic INT8) ...")
                 quantize_int8(path, tmp / q_name, int8_scope)
@@ -362,26 +357,3 @@ def _write_json(obj, path: Path) -> None:
         json.dump(obj, f, indent=1, sort_keys=True)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
-
-
-class ManifestError(ValueError):
-    """An export directory that cannot be used (no manifest, wrong format, missing files)."""
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict:
-    """Load and sanity-check ``model_dir/manifest.json``; returns the manifest."""
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{model_dir}: not an export directory (no {MANIFEST}; run `cellsam-trt export`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: invalid JSON: {e}") from e
-    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ManifestError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
-                            f"(expected {FORMAT!r} v{' or v'.join(map(str, READABLE_VERSIONS))})")
-    for name, entry in manifest.get("models", {}).items():
-        for f in [entry["file"]] + ([entry["int8"]["file"]] if "int8" in entry else []):
-            if not (Path(model_dir) / f).is_file():
-                raise ManifestError(f"{model_dir}: {f} ({name}) listed in the manifest is missing")
-    return manifest

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import onnx
 
-from .onnx_export import IR_VERSION
+from .formats import IR_VERSION
 
 SCOPES = ("mlp", "all")
 _MLP = re.compile(r"/mlp/lin[12]/")

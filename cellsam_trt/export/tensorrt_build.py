@@ -1,7 +1,7 @@
 """TensorRT 10 engines from an export directory: a pure build plan, then a thin builder.
 
 ``plan_build(spec, options, gpu, ...)`` computes a ``BuildPlan`` from the graph's ``ModelSpec``
-(``export/specs.py``), the ``BuildOptions`` and the ``GpuFacts`` of the target GPU, without
+(``runtime/specs.py``), the ``BuildOptions`` and the ``GpuFacts`` of the target GPU, without
 TensorRT: the optimization profile (every dynamic ``Dim`` at min / opt / max, overridable),
 the builder flags, which layers stay in FP32, the workspace limit and the cache paths. The
 plan is JSON-serialisable and unit-tested on the CPU. ``build_engine(plan)`` is the only part
@@ -58,9 +58,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .. import __version__
-from . import engine_file as EF
-from . import specs as S
+from .. import __version__, pipeline
+from .. import preprocess as pre
+from ..runtime import engine_file as EF
+from ..runtime.engine_file import GpuFacts
+from ..runtime import specs as S
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 GIB = 1 << 30
@@ -102,34 +104,6 @@ class PlanError(ValueError):
 
 class BuildError(RuntimeError):
     """TensorRT failed (parse or build); the message carries TensorRT's errors."""
-
-
-@dataclass(frozen=True)
-class GpuFacts:
-    """The target GPU: marketing name, compute capability (major, minor), memory in bytes."""
-
-    name: str
-    compute_capability: tuple[int, int]
-    total_memory: int
-
-    @property
-    def cc(self) -> str:
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
-
-    @property
-    def supports_bf16(self) -> bool:
-        return self.compute_capability >= (8, 0)
-
-    @property
-    def supports_fast_fp16(self) -> bool:
-        return self.compute_capability >= (5, 3)
-
-    @property
-    def supports_int8(self) -> bool:
-        return self.compute_capability >= (6, 1)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "compute_capability": self.cc, "total_memory": int(self.total_memory)}
 
 
 @dataclass(frozen=True)
@@ -480,7 +454,7 @@ def plan_export(
     models: which graphs (default: all in the export). analyse_onnx: load each ONNX graph
     (without weights) for ``onnx_fp32_nodes``.
     """
-    from .onnx_export import read_manifest
+    from ..runtime.manifest import read_manifest
 
     manifest = read_manifest(onnx_dir)
     entries = manifest["models"]
@@ -544,14 +518,10 @@ def calibration_files(image_dir: str | os.PathLike, max_images: int) -> list[Pat
 def model_input(image: np.ndarray, branch: str, adv_mode: bool, normalize: bool = True,
                 channel_axis: int | None = None) -> np.ndarray:
     """One image -> the (1, 3, 1024, 1024) float32 input of the SAM encoder ("sam") or CellFinder
-    ("cellfinder"), with the same ``cellsam_trt.preprocess`` steps as ``CellSAMPipeline``.
+    ("cellfinder"), prepared by the pipeline's own ``prepare`` stage, as at run time.
     Raises ``preprocess.BlankImageError`` for a blank image on the SAM branch."""
-    from .. import preprocess as pre
-    from ..pipeline import validate_image
-
-    hwc = pre.to_three_channels(validate_image(image), channel_axis)
-    norm = pre.normalize_image(hwc) if normalize else hwc
-    sq = pre.squashed(norm)
+    settings = pipeline.SegmentSettings(normalize=normalize, channels=pipeline.Channels(axis=channel_axis))
+    sq = pipeline.prepare(image, settings).squashed
     if branch == "sam":
         return pre.sam_encoder_input(sq, adv_mode)
     if branch == "cellfinder":
@@ -573,8 +543,6 @@ def calibration_batches(
     Blank or unreadable images are skipped (logged); a final partial batch is dropped (the
     calibration profile has one fixed batch size).
     """
-    from .. import preprocess as pre
-
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     say = log or (lambda m: None)

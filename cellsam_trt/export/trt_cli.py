@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from . import specs as S
+from ..runtime import specs as S
 
 
 def add_build_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,8 +88,8 @@ def _gpu_from_args(args):
 
 def cmd_build(args) -> int:
     from .tensorrt_build import BuildError, PlanError, build_export, plan_export
-    from .onnx_export import ManifestError
-    from .engine_file import EngineCompatError
+    from ..runtime.manifest import ManifestError
+    from ..runtime.engine_file import EngineCompatError
 
     options = options_from_args(args)
     log = lambda m: print(m, file=sys.stderr)

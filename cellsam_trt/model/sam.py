@@ -278,6 +278,23 @@ class PromptEncoder(nn.Module):
         emb = emb + (lab == 1) * self.point_embeddings[1].weight
         return emb
 
+    def embed_layout(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sparse prompt embeddings (N, P, 256) float32 of prompts already laid out as points
+        with label codes (``runtime.prompt_layout.prompt_tokens``: 1 foreground, 0 background,
+        -1 padding, 2 / 3 box top-left / bottom-right corner).
+
+        coords (N, P, 2) XY in the input frame; labels (N, P), any numeric dtype. The same tokens
+        as ``forward`` for the same prompts: the positional encoding of the pixel centre, zeroed
+        for padding, plus ``not_a_point_embed`` for -1 and ``point_embeddings[k]`` for code k.
+        """
+        emb = self.pe_layer.encode(self._normalise(coords))
+        lab = labels[..., None]
+        emb = torch.where(lab == -1, torch.zeros_like(emb), emb)
+        emb = emb + (lab == -1) * self.not_a_point_embed.weight
+        for k in range(4):
+            emb = emb + (lab == k) * self.point_embeddings[k].weight
+        return emb
+
     def forward(
         self,
         boxes: torch.Tensor | None = None,
@@ -473,6 +490,18 @@ class Sam(nn.Module):
         (N, P), in the 1024 frame -> low-res logits (N, 1, 256, 256) float32, IoU predictions (N, 1).
         """
         sparse = self.prompt_encoder(boxes=boxes, points=points, labels=labels)
+        return self.mask_decoder(
+            embedding, self.prompt_encoder.dense_pe(), sparse, self.prompt_encoder.no_mask_embed.weight
+        )
+
+    @torch.no_grad()
+    def decode_layout(
+        self, embedding: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode`` for prompts in the decoder graph's layout (``PromptEncoder.embed_layout``):
+        embedding (1, 256, 64, 64), coords (N, P, 2), labels (N, P) label codes -> low-res
+        logits (N, 1, 256, 256) float32, IoU predictions (N, 1)."""
+        sparse = self.prompt_encoder.embed_layout(coords, labels)
         return self.mask_decoder(
             embedding, self.prompt_encoder.dense_pe(), sparse, self.prompt_encoder.no_mask_embed.weight
         )

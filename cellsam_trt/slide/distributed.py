@@ -9,7 +9,7 @@ raster order, as TIFF requires). The tile store and the output live on a filesys
 that the client and every worker see (one machine, or a shared volume). The labels equal the
 single-process run's: the numbering depends only on the tiles, not on which worker ran them.
 
-``EnginePlugin`` is the worker plugin: it builds the engine from an ``engine.api.EngineSpec``
+``EnginePlugin`` is the worker plugin: it builds the engine from an ``api.EngineSpec``
 (or any picklable zero-argument factory) when a worker starts. With ``device="cuda"`` each
 worker takes GPU ``worker index % GPU count``.
 """
@@ -19,8 +19,16 @@ from __future__ import annotations
 import time
 
 from .grid import RoutedPrompts, TileSettings
-from .run import (ChannelMap, SlideOutput, SlideResult, conclude, finish_slide, prepare_slide, segment_tile_batch,
-                  write_chunks)
+from .run import (
+    ChannelMap,
+    SlideOutput,
+    SlideResult,
+    conclude,
+    finish_slide,
+    prepare_slide,
+    segment_tile_batch,
+    write_chunks,
+)
 
 PLUGIN = "cellsam-trt-engine"
 

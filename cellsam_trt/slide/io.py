@@ -231,7 +231,7 @@ class OmeZarrLabelWriter:
         self.shape, self.dtype, self.chunk, self.levels = tuple(int(s) for s in shape), np.dtype(dtype), int(chunk), int(levels)
         self.pixel_size_um, self.source_image = pixel_size_um, source_image
 
-    def create(self) -> "OmeZarrLabelWriter":
+    def create(self) -> OmeZarrLabelWriter:
         import numcodecs
         import zarr
 

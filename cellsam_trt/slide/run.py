@@ -1,7 +1,7 @@
 """Segment a slide in one process: tiles -> tile store -> links -> label store.
 
 ``segment_slide(source, engine, dest)`` runs the three passes of ``slide.stitch`` with any
-engine that has ``segment_many(images, prompts)`` (``engine.api.CellSAMEngine``: tiles are
+engine that has ``segment_many(images, prompts)`` (``cellsam_trt.CellSAM``: tiles are
 read lazily and pipelined, at most ``max_in_flight`` held). ``slide.distributed`` runs the
 same functions (``segment_tile_batch``, ``write_chunks``) as Dask tasks.
 """
@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import preprocess as pre
 from ..io import label_dtype_for
+from ..pipeline import Channels, Prompts
 from .grid import RoutedPrompts, TileGrid, TileSettings, route_prompts
 from .io import OmeZarrLabelWriter, SlideError, SlideSource, write_bigtiff_labels
 from .stitch import CellStats, TileStore, block_stats, chunk_grid, global_lut, link_tiles, offsets_for, render_region
@@ -88,6 +89,11 @@ class ChannelMap:
         out, _ = pre.select_channels(tile, -1, self.nuclear, self.wholecell)
         return out
 
+    @property
+    def engine_channels(self) -> Channels | None:
+        """What the engine is told of a tile after ``apply``: channels last (None: its own rule)."""
+        return None if self.nuclear is None and self.wholecell is None else Channels(axis=-1)
+
 
 def read_tile(source: SlideSource, grid: TileGrid, index: int, channels: ChannelMap) -> np.ndarray:
     t = grid[index]
@@ -95,8 +101,6 @@ def read_tile(source: SlideSource, grid: TileGrid, index: int, channels: Channel
 
 
 def _prompts_for(routed: RoutedPrompts | None, index: int):
-    from ..engine.api import Prompts
-
     if routed is None:
         return None
     e = routed.per_tile.get(index)
@@ -131,7 +135,8 @@ def segment_tile_batch(engine, source: SlideSource, store: TileStore, indices, r
                 yield np.zeros(store.grid[i].shape, np.uint8)
 
     prompts = (_prompts_for(routed, i) for i in todo)
-    for item in engine.segment_many(tiles(), prompts, max_in_flight=max_in_flight):
+    for item in engine.segment_many(tiles(), prompts, channels=channels.engine_channels,
+                                   max_in_flight=max_in_flight):
         i = todo[item.index]
         t = store.grid[i]
         where = f"tile {i} (rows {t.y0}:{t.y1}, cols {t.x0}:{t.x1})"
@@ -198,7 +203,7 @@ def segment_slide(
     """Segment a slide into a label store.
 
     source: ``slide.io.SlideSource``; engine: anything with ``segment_many`` (a
-    ``CellSAMEngine``); boxes / points / point_labels: prompts in slide pixels (then only
+    ``CellSAM``); boxes / points / point_labels: prompts in slide pixels (then only
     tiles holding prompts are segmented; see ``grid.route_prompts``); fingerprint: what the
     tiles depend on besides the slide and grid (model, settings), for resuming. A failing tile
     is retried ``retries`` times, then reported in ``SlideResult.failed`` (its region is

@@ -50,7 +50,7 @@ class TileStore:
         self.key = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def open(self, resume: bool = True) -> "TileStore":
+    def open(self, resume: bool = True) -> TileStore:
         """Reuse a matching store (resume) or make a new one."""
         import zarr
 

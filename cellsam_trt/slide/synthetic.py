@@ -22,6 +22,9 @@ import time
 
 import numpy as np
 
+from ..pipeline import Details, Segmentation
+from ..scheduler import ItemResult
+
 NOISE_TILE = 512
 
 
@@ -149,7 +152,7 @@ class SyntheticSlide:
 class ThresholdSegmenter:
     """Intensity > threshold, then 4-connected components (scipy.ndimage.label), as an engine.
 
-    ``segment_many(images, prompts=None, ...)`` yields ``engine.api.ItemResult`` per image in
+    ``segment_many(images, prompts=None, ...)`` yields ``scheduler.ItemResult`` per image in
     order (prompts are ignored); see the module docstring for what it is for.
     """
 
@@ -160,8 +163,6 @@ class ThresholdSegmenter:
     def segment(self, image: np.ndarray):
         from scipy import ndimage
 
-        from ..pipeline import _empty
-
         img = np.asarray(image)
         if img.ndim == 3:
             img = img.max(axis=-1)
@@ -169,14 +170,13 @@ class ThresholdSegmenter:
         if self.drop_edge_cells:  # like a model that misses every cell cut by the image edge
             edge = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
             lab[np.isin(lab, edge[edge > 0])] = 0
-        seg = _empty(*img.shape)
-        seg.labels = lab.astype(np.int32)
-        seg.labels_raw = seg.labels
-        return seg
+        labels = lab.astype(np.int32)
+        z = np.zeros(0, np.float32)
+        n = int(labels.max(initial=0))
+        return Segmentation(labels, np.zeros((0, 4), np.float32), None, z,
+                            Details(labels, np.arange(1, n + 1, dtype=np.int64), np.zeros(0, np.int64)))
 
-    def segment_many(self, images, prompts=None, max_in_flight: int = 1, **_):
-        from ..engine.api import ItemResult
-
+    def segment_many(self, images, prompts=None, **_):
         for i, img in enumerate(images):
             t0 = time.perf_counter()
             try:

@@ -20,7 +20,7 @@ Graphs (all float32 unless stated; coordinates in the 1024 x 1024 model frame):
     float32 codes -> low_res_masks (N, 1, 256, 256) logits, iou_predictions (N, 1).
     Label codes: 1 foreground point, 0 background point, -1 padding / not-a-point,
     2 box top-left corner, 3 box bottom-right corner (a box is two points labelled 2, 3).
-    See ``cellsam_trt.export.wrappers.prompt_tokens`` for how boxes and points are laid out.
+    See ``cellsam_trt.runtime.prompt_layout.prompt_tokens`` for how boxes and points are laid out.
 ``cellfinder``
     image (B, 3, 1024, 1024) normalised CellFinder input -> pred_logits (B, Q, 2),
     pred_boxes (B, Q, 4) cxcywh in [0, 1] (Q = 3500 for the official model).
@@ -40,8 +40,8 @@ image side once per image, then the prompts in small calls whose working set sta
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -110,7 +110,7 @@ class TensorSpec:
                 "shape": [d.to_dict() if isinstance(d, Dim) else int(d) for d in self.shape]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
+    def from_dict(cls, d: dict) -> TensorSpec:
         shape = tuple(Dim(**x) if isinstance(x, dict) else int(x) for x in d["shape"])
         return cls(d["name"], d["dtype"], shape, d.get("doc", ""))
 
@@ -200,7 +200,7 @@ class ModelSpec:
                 "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         return cls(d["name"], d["filename"], tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
                    tuple(TensorSpec.from_dict(x) for x in d["outputs"]), d.get("doc", ""))
 
@@ -208,7 +208,7 @@ class ModelSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "ModelSpec":
+    def from_json(cls, s: str) -> ModelSpec:
         return cls.from_dict(json.loads(s))
 
 

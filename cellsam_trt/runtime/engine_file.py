@@ -209,3 +209,31 @@ def check_compatible(header: dict, facts: RuntimeFacts, path: str | os.PathLike 
     problems = compatibility_problems(header, facts, strict_gpu_name)
     if problems:
         raise EngineCompatError(str(path), problems, rebuild_command(header, path))
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    """The target GPU: marketing name, compute capability (major, minor), memory in bytes."""
+
+    name: str
+    compute_capability: tuple[int, int]
+    total_memory: int
+
+    @property
+    def cc(self) -> str:
+        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
+
+    @property
+    def supports_bf16(self) -> bool:
+        return self.compute_capability >= (8, 0)
+
+    @property
+    def supports_fast_fp16(self) -> bool:
+        return self.compute_capability >= (5, 3)
+
+    @property
+    def supports_int8(self) -> bool:
+        return self.compute_capability >= (6, 1)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "compute_capability": self.cc, "total_memory": int(self.total_memory)}
