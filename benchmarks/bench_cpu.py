@@ -6,13 +6,13 @@ thread count, so their ratios are comparable even on a loaded machine:
 * ``torch_official_style``: the official code's structure on our PyTorch modules: the image
   encoder, then for each box one prompt-encoder + mask-decoder call, each kept mask upsampled
   to 1024 x 1024 and then to H x W with ``F.interpolate`` and thresholded, later mask wins,
-  then the official hole filling. (Preprocessing is our NumPy port, which computes the same
-  values as the official code.)
-* ``torch_batched``: ``CellSAMPipeline`` + ``TorchBackend`` (all boxes of an image in one
-  decoder call, image side broadcast, cropped label assembly).
-* ``ort_fp32`` / ``ort_int8``: ``CellSAMPipeline`` + ``OrtBackend`` (INT8: dynamic-INT8 image
-  encoder; the decoder stays FP32), image by image; and ``CellSAMEngine.segment_many``
-  (pre/post-processing overlapped with inference) for the end-to-end rate. Both run the split
+  then the official hole filling. (Preprocessing is the pipeline's ``prepare`` stage, our NumPy
+  port, which computes the same values as the official code.)
+* ``torch_batched``: the pipeline's stages (``cellsam_trt.pipeline``) on ``TorchBackend`` (all
+  boxes of an image in one decoder call, image side broadcast, cropped label assembly).
+* ``ort_fp32`` / ``ort_int8``: the pipeline's stages on ``OrtBackend`` (INT8: dynamic-INT8 image
+  encoder; the decoder stays FP32), image by image; and ``CellSAM.segment_many`` with the CPU
+  scheduler (pre/post-processing overlapped with inference) for the end-to-end rate. Both run the split
   decoder (``prompt_context`` once per image, ``context_decoder`` one box per call), the CPU
   default; ``ort_fp32_whole_decoder`` is FP32 with the whole ``prompt_decoder`` graph in calls of
   16 boxes, for comparison.
@@ -51,8 +51,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -85,10 +89,15 @@ def matmul_ceiling(threads: int) -> dict:
             t.append(time.perf_counter() - t0)
         return 2 * n**3 / min(t) / 1e9
 
-    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm",
-                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
-                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "mm",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     so = ort.SessionOptions()
@@ -107,7 +116,8 @@ def count_flops(sam) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cellsam_trt.export.wrappers import PromptDecoderGraph, prompt_tokens
+    from cellsam_trt.export.wrappers import PromptDecoderGraph
+    from cellsam_trt.runtime.prompt_layout import prompt_tokens
 
     box = np.array([[100.0, 100.0, 160.0, 170.0]], np.float32)
     with torch.no_grad():
@@ -125,8 +135,11 @@ def count_flops(sam) -> dict:
         with FlopCounterMode(display=False) as fc:
             graph.decode_context(*ctx, coords, labels)
         box_flops = fc.get_total_flops()
-    return {"encoder_gflop": enc / 1e9, "decoder_gflop_per_box": dec / 1e9,
-            "split_decoder_executed": {"context_gflop_per_image": ctx_flops / 1e9, "gflop_per_box": box_flops / 1e9}}
+    return {
+        "encoder_gflop": enc / 1e9,
+        "decoder_gflop_per_box": dec / 1e9,
+        "split_decoder_executed": {"context_gflop_per_image": ctx_flops / 1e9, "gflop_per_box": box_flops / 1e9},
+    }
 
 
 def load_inputs(reference: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -140,11 +153,15 @@ def load_inputs(reference: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
 
 
 class TimedBackend:
-    """Backend proxy that accumulates the seconds spent in encode / detect / decode."""
+    """Backend proxy that accumulates the seconds spent in encode / detect / decode (host arrays:
+    ``device_resident`` is off, so the pipeline's stages call ``encode`` / ``decode`` plainly)."""
+
+    device_resident = False
 
     def __init__(self, backend) -> None:
         self.b = backend
         self.name, self.adv_mode, self.has_detector = backend.name, backend.adv_mode, backend.has_detector
+        self.device, self.precision = backend.device, backend.precision
         self.t = {"encode": 0.0, "detect": 0.0, "decode": 0.0}
 
     def _timed(self, key, fn, *a, **k):
@@ -163,19 +180,43 @@ class TimedBackend:
     def decode(self, emb, boxes=None, points=None, point_labels=None):
         return self._timed("decode", self.b.decode, emb, boxes=boxes, points=points, point_labels=point_labels)
 
+    def decode_chunks(self, emb, boxes=None, points=None, point_labels=None, chunk=None):
+        """The backend's chunk stream, timing only the time spent producing each chunk (the
+        pipeline assembles labels between chunks)."""
+        it = self.b.decode_chunks(emb, boxes=boxes, points=points, point_labels=point_labels, chunk=chunk)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                part = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.t["decode"] += time.perf_counter() - t0
+            yield part
+
+    def __getattr__(self, name):  # anything else (specs, decode_chunk, ...): the backend's
+        return getattr(self.b, name)
+
 
 def _new_run() -> dict:
-    return {"seconds": 0.0, "stages": {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0},
-            "per_image_s": {}, "labels": {}}
+    return {
+        "seconds": 0.0,
+        "stages": {"preprocess": 0.0, "encode": 0.0, "decode": 0.0, "postprocess": 0.0},
+        "per_image_s": {},
+        "labels": {},
+    }
 
 
-def pipeline_image(run: dict, pipe, tb: TimedBackend, stem: str, image, boxes) -> None:
-    """One image through CellSAMPipeline, accumulating per-stage seconds into ``run``."""
+def pipeline_image(run: dict, settings, tb: TimedBackend, stem: str, image, boxes) -> None:
+    """One image through the pipeline's stages (``prepare``, then ``segment_prepared``: prompts,
+    embed, decode, assemble, finish) on ``tb``, accumulating per-stage seconds into ``run``."""
+    from cellsam_trt import pipeline as P
+
     t0 = time.perf_counter()
-    norm, sq = pipe.preprocess(image)
+    prepared = P.prepare(image, settings)
     t1 = time.perf_counter()
     before = dict(tb.t)
-    res = pipe.segment_prepared(sq, norm.shape[0], norm.shape[1], boxes=boxes)
+    res = P.segment_prepared(tb, prepared, P.Prompts(boxes=boxes), settings)
     t2 = time.perf_counter()
     enc, dec = tb.t["encode"] - before["encode"], tb.t["decode"] - before["decode"]
     st = run["stages"]
@@ -194,15 +235,15 @@ def official_style_image(run: dict, sam, adv_mode: bool, settings, stem: str, im
     import torch.nn.functional as F
 
     from cellsam_trt import labels as L
+    from cellsam_trt import pipeline as P
     from cellsam_trt import preprocess as pre
-    from cellsam_trt import prompts as P
+    from cellsam_trt import prompts as prompt_ops
 
     t0 = time.perf_counter()
-    norm = pre.normalize_image(pre.to_three_channels(image))
-    sq = pre.squashed(norm)
-    x = torch.from_numpy(pre.sam_encoder_input(sq, adv_mode))
-    h, w = norm.shape[:2]
-    b1024 = torch.from_numpy(P.scale_boxes_to_model(boxes, h, w))
+    prepared = P.prepare(image, settings)  # channels, percentile clip + CLAHE, squash to 1024
+    x = torch.from_numpy(pre.sam_encoder_input(prepared.squashed, adv_mode))
+    h, w = prepared.height, prepared.width
+    b1024 = torch.from_numpy(prompt_ops.scale_boxes_to_model(P.box_prompts(boxes), h, w))
     t1 = time.perf_counter()
     t_dec = t_post = 0.0
     masks = []
@@ -211,7 +252,7 @@ def official_style_image(run: dict, sam, adv_mode: bool, settings, stem: str, im
         t2 = time.perf_counter()
         for i in range(len(b1024)):
             td = time.perf_counter()
-            lr, iou = sam.decode(emb, boxes=b1024[i:i + 1])
+            lr, iou = sam.decode(emb, boxes=b1024[i : i + 1])
             tp = time.perf_counter()
             t_dec += tp - td
             if float(iou[0, 0]) >= settings.iou_threshold:
@@ -236,15 +277,20 @@ def official_style_image(run: dict, sam, adv_mode: bool, settings, stem: str, im
     run["labels"][stem] = lab
 
 
-def run_many(engine, inputs) -> dict:
-    from cellsam_trt.engine.api import Prompts
+def run_many(model, inputs) -> dict:
+    """``CellSAM.segment_many`` on every input (box prompts), results in input order."""
+    from cellsam_trt.pipeline import Prompts
 
     t0 = time.perf_counter()
-    out = list(engine.segment_many([i for _, i, _ in inputs], [Prompts(boxes=b) for _, _, b in inputs]))
+    out = list(model.segment_many([i for _, i, _ in inputs], [Prompts(boxes=b) for _, _, b in inputs]))
     total = time.perf_counter() - t0
     errors = [str(r.error) for r in out if not r.ok]
-    return {"seconds": total, "images_per_s": len(inputs) / total, "errors": errors,
-            "labels": {stem: r.segmentation.labels for (stem, _, _), r in zip(inputs, out) if r.ok}}
+    return {
+        "seconds": total,
+        "images_per_s": len(inputs) / total,
+        "errors": errors,
+        "labels": {stem: r.segmentation.labels for (stem, _, _), r in zip(inputs, out) if r.ok},
+    }
 
 
 def main(argv=None) -> int:
@@ -260,14 +306,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cellsam_trt.engine.api import CellSAMEngine
+    from cellsam_trt.api import CellSAM
     from cellsam_trt.engine.ort_backend import OrtBackend
     from cellsam_trt.engine.torch_backend import TorchBackend
-    from cellsam_trt.runtime.manifest import MANIFEST
     from cellsam_trt.metrics import match_instances
     from cellsam_trt.model.checkpoint import load_checkpoint
     from cellsam_trt.model.synthetic import synthetic_checkpoint
-    from cellsam_trt.pipeline import CellSAMPipeline, SegmentSettings
+    from cellsam_trt.pipeline import SegmentSettings
+    from cellsam_trt.runtime.manifest import MANIFEST
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -300,11 +346,13 @@ def main(argv=None) -> int:
         runners["torch_official_style"] = lambda run, *a: official_style_image(run, sam, model.adv_mode, settings, *a)
     if "torch_batched" not in skip:
         tb = TimedBackend(TorchBackend(model))
-        pipe = CellSAMPipeline(tb, settings)
-        runners["torch_batched"] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+        runners["torch_batched"] = lambda run, *a, tb=tb: pipeline_image(run, settings, tb, *a)
     ort_backends = {}
-    for name, prec, split in (("ort_fp32", "fp32", None), ("ort_int8", "int8", None),
-                              ("ort_fp32_whole_decoder", "fp32", False)):
+    for name, prec, split in (
+        ("ort_fp32", "fp32", None),
+        ("ort_int8", "int8", None),
+        ("ort_fp32_whole_decoder", "fp32", False),
+    ):
         if name in skip:
             continue
         backend = OrtBackend(export, precision=prec, threads=threads, split_decoder=split)
@@ -313,17 +361,16 @@ def main(argv=None) -> int:
         if split is None:
             ort_backends[prec] = backend
         tb = TimedBackend(backend)
-        pipe = CellSAMPipeline(tb, settings)
-        runners[name] = lambda run, *a, pipe=pipe, tb=tb: pipeline_image(run, pipe, tb, *a)
+        runners[name] = lambda run, *a, tb=tb: pipeline_image(run, settings, tb, *a)
     runs = {name: _new_run() for name in runners}
     for stem, image, boxes in inputs:
         for name, fn in runners.items():
             fn(runs[name], stem, image, boxes)
             print(f"  {name} {stem} ({len(boxes)} boxes): {runs[name]['per_image_s'][stem]:.1f} s", flush=True)
-    for name, run in runs.items():
+    for run in runs.values():
         run["images_per_s"] = len(inputs) / run["seconds"]
     for prec, backend in ort_backends.items():
-        runs[f"ort_{prec}_segment_many"] = r = run_many(CellSAMEngine(backend, settings), inputs)
+        runs[f"ort_{prec}_segment_many"] = r = run_many(CellSAM(backend, settings, scheduler="cpu"), inputs)
         print(f"  ort {prec} segment_many: {r['seconds']:.1f} s", flush=True)
 
     f = result["flops"]
@@ -341,8 +388,9 @@ def main(argv=None) -> int:
             r["fraction_of_ceiling"] = {k: (v / ceiling if v else None) for k, v in r["gflops"].items()}
             if name in ("ort_fp32", "ort_int8") and st["decode"]:  # what the split decoder executes
                 x = f["split_decoder_executed"]
-                r["gflops"]["decode_executed"] = (x["context_gflop_per_image"] * n_img
-                                                  + x["gflop_per_box"] * n_boxes) / st["decode"]
+                r["gflops"]["decode_executed"] = (
+                    x["context_gflop_per_image"] * n_img + x["gflop_per_box"] * n_boxes
+                ) / st["decode"]
                 r["fraction_of_ceiling"]["decode_executed"] = r["gflops"]["decode_executed"] / ceiling
         if base and name != "torch_official_style":
             agree = [match_instances(base["labels"][s], r["labels"][s]) for s in base["labels"] if s in r["labels"]]
@@ -371,27 +419,36 @@ def main(argv=None) -> int:
 
 
 def table(result: dict) -> str:
-    rows = ["| configuration | seconds (all images) | images/s | vs official-style | preprocess s | encode s (GFLOP/s) "
-            "| decode s (GFLOP/s) | postprocess s |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| configuration | seconds (all images) | images/s | vs official-style | preprocess s | encode s (GFLOP/s) "
+        "| decode s (GFLOP/s) | postprocess s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["runs"].items():
         st, g = r.get("stages"), r.get("gflops", {})
         sp = r.get("speedup_vs_official_style")
         if st:
-            rows.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {sp:.2f}x | {st['preprocess']:.1f} "
-                        f"| {st['encode']:.1f} ({g['encode']:.0f}) | {st['decode']:.1f} ({g['decode']:.0f}) "
-                        f"| {st['postprocess']:.1f} |")
+            rows.append(
+                f"| {name} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {sp:.2f}x | {st['preprocess']:.1f} "
+                f"| {st['encode']:.1f} ({g['encode']:.0f}) | {st['decode']:.1f} ({g['decode']:.0f}) "
+                f"| {st['postprocess']:.1f} |"
+            )
         else:
             rows.append(f"| {name} | {r['seconds']:.1f} | {r['images_per_s']:.3f} | {sp:.2f}x | | | | |")
     m = result["matmul"]
     x = result["flops"]["split_decoder_executed"]
-    rows.append(f"\nmatmul ceiling: NumPy {m['numpy_gflops']:.0f}, ORT {m['ort_gflops']:.0f} GFLOP/s; "
-                f"model FLOPs: encoder {result['flops']['encoder_gflop']:.0f} GFLOP/image, decoder "
-                f"{result['flops']['decoder_gflop_per_box']:.2f} GFLOP/box (GFLOP/s above are of these); the "
-                f"split decoder executes {x['context_gflop_per_image']:.2f} GFLOP/image + {x['gflop_per_box']:.2f} GFLOP/box")
+    rows.append(
+        f"\nmatmul ceiling: NumPy {m['numpy_gflops']:.0f}, ORT {m['ort_gflops']:.0f} GFLOP/s; "
+        f"model FLOPs: encoder {result['flops']['encoder_gflop']:.0f} GFLOP/image, decoder "
+        f"{result['flops']['decoder_gflop_per_box']:.2f} GFLOP/box (GFLOP/s above are of these); the "
+        f"split decoder executes {x['context_gflop_per_image']:.2f} GFLOP/image + {x['gflop_per_box']:.2f} GFLOP/box"
+    )
     for name, r in result["runs"].items():
         if "decode_executed" in r.get("gflops", {}):
-            rows.append(f"{name} decode: {r['gflops']['decode_executed']:.0f} GFLOP/s executed "
-                        f"({r['fraction_of_ceiling']['decode_executed']:.0%} of the MatMul ceiling)")
+            rows.append(
+                f"{name} decode: {r['gflops']['decode_executed']:.0f} GFLOP/s executed "
+                f"({r['fraction_of_ceiling']['decode_executed']:.0%} of the MatMul ceiling)"
+            )
     return "\n".join(rows)
 
 

@@ -85,17 +85,45 @@ class TimedBackend:
     def decode(self, embedding, boxes=None, points=None, point_labels=None):
         return self._timed("decode", embedding, boxes=boxes, points=points, point_labels=point_labels)
 
+    def decode_chunks(self, embedding, boxes=None, points=None, point_labels=None, chunk=None):
+        """The inner ``decode_chunks``, the time spent producing each chunk added to "decode"."""
+        it = self.inner.decode_chunks(embedding, boxes=boxes, points=points, point_labels=point_labels, chunk=chunk)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                part = next(it)
+            except StopIteration:
+                self.seconds["decode"] += time.perf_counter() - t0
+                return
+            self.seconds["decode"] += time.perf_counter() - t0
+            yield part
+
+    def __getattr__(self, name):  # anything else (specs, device, precision, ...) from the backend
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 def machine_info() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "cuda_runtime": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-            "gpu": torch.cuda.get_device_name(0), "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-            "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    info = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "gpu": torch.cuda.get_device_name(0),
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+    }
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.TimeoutExpired):
         info["driver"] = None
@@ -131,8 +159,9 @@ def run_official(model, images, boxes, warmup: int, device: str = "cuda") -> tup
     from cellsam_trt import pipeline as P
     from cellsam_trt.engine.torch_backend import TorchBackend
 
-    backend = TimedBackend(TorchBackend(model, device=device, precision="fp32", sdpa=False, cuda_graphs=False,
-                                        decode_chunk=1))
+    backend = TimedBackend(
+        TorchBackend(model, device=device, precision="fp32", sdpa=False, cuda_graphs=False, decode_chunk=1)
+    )
     settings = P.SegmentSettings()
     for i in range(warmup):
         P.segment(backend, images[i % len(images)], P.Prompts(boxes=boxes[i % len(images)]), settings)
@@ -153,8 +182,12 @@ def run_official(model, images, boxes, warmup: int, device: str = "cuda") -> tup
         labels.append(res.labels)
     wall = time.perf_counter() - t_all
     n = len(images)
-    stages = {"preprocess": pre / n * 1e3, "encode": backend.seconds["encode"] / n * 1e3,
-              "decode": backend.seconds["decode"] / n * 1e3, "postprocess": post / n * 1e3}
+    stages = {
+        "preprocess": pre / n * 1e3,
+        "encode": backend.seconds["encode"] / n * 1e3,
+        "decode": backend.seconds["decode"] / n * 1e3,
+        "postprocess": post / n * 1e3,
+    }
     return {"images_per_s": n / wall, "stage_ms": stages, "wall_s": wall}, labels
 
 
@@ -182,27 +215,34 @@ def agreement(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
     from cellsam_trt.metrics import match_instances
 
     ms = [match_instances(a, b) for a, b in zip(reference, candidate)]
-    return {"mean_iou": float(np.mean([m.mean_iou for m in ms])),
-            "min_mean_iou": float(np.min([m.mean_iou for m in ms])),
-            "frac_matched": float(np.mean([m.frac_matched_50 for m in ms])),
-            "f1": float(np.mean([m.f1_50 for m in ms]))}
+    return {
+        "mean_iou": float(np.mean([m.mean_iou for m in ms])),
+        "min_mean_iou": float(np.min([m.mean_iou for m in ms])),
+        "frac_matched": float(np.mean([m.frac_matched_50 for m in ms])),
+        "f1": float(np.mean([m.f1_50 for m in ms])),
+    }
 
 
 def append_results_md(path: Path, report: dict) -> None:
     m = report["machine"]
-    lines = [f"\n## {report['date']} — {m['gpu']} (sm {m['compute_capability']}), driver {m['driver']}",
-             "",
-             f"torch {m['torch']} (CUDA {m['cuda_runtime']}, cuDNN {m['cudnn']}), TensorRT {m['tensorrt']}, "
-             f"cellsam-trt {m['cellsam_trt']}, Python {m['python']}; checkpoint: {report['checkpoint']}; "
-             f"{report['images']} images of 1024 x 1024 per box count, {report['warmup']} warm-up.",
-             "",
-             "| config | boxes | images/s | x official | stage ms (mean per image) | mean matched IoU vs official | frac matched >= 0.5 |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"\n## {report['date']} — {m['gpu']} (sm {m['compute_capability']}), driver {m['driver']}",
+        "",
+        f"torch {m['torch']} (CUDA {m['cuda_runtime']}, cuDNN {m['cudnn']}), TensorRT {m['tensorrt']}, "
+        f"cellsam-trt {m['cellsam_trt']}, Python {m['python']}; checkpoint: {report['checkpoint']}; "
+        f"{report['images']} images of 1024 x 1024 per box count, {report['warmup']} warm-up.",
+        "",
+        "| config | boxes | images/s | x official | stage ms (mean per image) | mean matched IoU vs official "
+        "| frac matched >= 0.5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_ms"].items())
         agr = r.get("agreement") or {}
-        lines.append(f"| {r['config']} | {r['boxes']} | {r['images_per_s']:.2f} | {r.get('speedup', 1.0):.2f} | {stages} | "
-                     f"{agr.get('mean_iou', float('nan')):.4f} | {agr.get('frac_matched', float('nan')):.4f} |")
+        lines.append(
+            f"| {r['config']} | {r['boxes']} | {r['images_per_s']:.2f} | {r.get('speedup', 1.0):.2f} | {stages} | "
+            f"{agr.get('mean_iou', float('nan')):.4f} | {agr.get('frac_matched', float('nan')):.4f} |"
+        )
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -214,8 +254,13 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=10, help="images per box count")
     p.add_argument("--boxes", type=int, nargs="+", default=[100, 600])
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precisions", "--dtypes", nargs="+", default=["fp16", "bf16", "fp32"],
-                   help="torch backend precisions (fp16, bf16, fp32; float16 / bfloat16 / float32 accepted)")
+    p.add_argument(
+        "--precisions",
+        "--dtypes",
+        nargs="+",
+        default=["fp16", "bf16", "fp32"],
+        help="torch backend precisions (fp16, bf16, fp32; float16 / bfloat16 / float32 accepted)",
+    )
     p.add_argument("--trt-engines", help="also run the TensorRT backend on these engines")
     p.add_argument("--out", default=str(HERE / "bench_gpu.json"))
     p.add_argument("--results-md", default=str(HERE / "RESULTS.md"))
@@ -227,8 +272,10 @@ def main(argv=None) -> int:
         print("bench_gpu: PyTorch is not installed", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device (torch.cuda.is_available() is False); this benchmark only runs on a GPU",
-              file=sys.stderr)
+        print(
+            "bench_gpu: no CUDA device (torch.cuda.is_available() is False); this benchmark only runs on a GPU",
+            file=sys.stderr,
+        )
         return 2
 
     from cellsam_trt.engine.base import BackendError
@@ -242,8 +289,14 @@ def main(argv=None) -> int:
     precisions = [short.get(d, d) for d in args.precisions]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results_md).parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine_info(),
-              "checkpoint": str(path), "images": args.images, "warmup": args.warmup, "results": []}
+    report = {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_info(),
+        "checkpoint": str(path),
+        "images": args.images,
+        "warmup": args.warmup,
+        "results": [],
+    }
     for n_boxes in args.boxes:
         data = [synthetic_image(1000 * n_boxes + i, n_boxes) for i in range(args.images)]
         images, boxes = [d[0] for d in data], [d[1] for d in data]
@@ -263,8 +316,12 @@ def main(argv=None) -> int:
                 continue
             print(f"{n_boxes} boxes: {name} ...", file=sys.stderr)
             res, labels = run_overlapped(backend, images, boxes, args.warmup)
-            res.update(config=name, boxes=n_boxes, speedup=res["images_per_s"] / base["images_per_s"],
-                       agreement=agreement(ref_labels, labels))
+            res.update(
+                config=name,
+                boxes=n_boxes,
+                speedup=res["images_per_s"] / base["images_per_s"],
+                agreement=agreement(ref_labels, labels),
+            )
             report["results"].append(res)
             if hasattr(backend, "close"):
                 backend.close()
@@ -273,8 +330,10 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=1))
     append_results_md(Path(args.results_md), report)
     for r in report["results"]:
-        print(f"{r['config']:>14} {r['boxes']:>4} boxes: {r['images_per_s']:.2f} images/s "
-              f"(x{r['speedup']:.2f})", file=sys.stderr)
+        print(
+            f"{r['config']:>14} {r['boxes']:>4} boxes: {r['images_per_s']:.2f} images/s (x{r['speedup']:.2f})",
+            file=sys.stderr,
+        )
     print(f"wrote {args.out} and appended to {args.results_md}", file=sys.stderr)
     return 0
 

@@ -84,7 +84,9 @@ def lowres_logits(g: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     from cellsam_trt.model.synthetic import synthetic_checkpoint
 
     ckpt = synthetic_checkpoint(seed=0, cache_dir=cache)
-    key = hashlib.sha1(g["embedding"].tobytes() + g["boxes_prompt_1024"].tobytes() + ckpt.name.encode()).hexdigest()[:12]
+    key = hashlib.sha1(g["embedding"].tobytes() + g["boxes_prompt_1024"].tobytes() + ckpt.name.encode()).hexdigest()[
+        :12
+    ]
     f_lowres = cache / f"bench_{CASE}_lowres_{key}.npy"
     f_iou = cache / f"bench_{CASE}_iou_{key}.npy"
     if f_lowres.exists() and f_iou.exists():
@@ -96,7 +98,9 @@ def lowres_logits(g: dict, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     print(f"computing the low-res logits of {len(g['boxes_prompt_1024'])} prompts (cached afterwards) ...", flush=True)
     model = load_checkpoint(ckpt).model
     with torch.no_grad():
-        lowres, iou = model.mask_sam.decode(torch.from_numpy(g["embedding"]), boxes=torch.from_numpy(g["boxes_prompt_1024"]))
+        lowres, iou = model.mask_sam.decode(
+            torch.from_numpy(g["embedding"]), boxes=torch.from_numpy(g["boxes_prompt_1024"])
+        )
     lowres, iou = np.ascontiguousarray(lowres[:, 0].numpy()), iou[:, 0].numpy()
     cache.mkdir(parents=True, exist_ok=True)
     for f, a in ((f_lowres, lowres), (f_iou, iou)):
@@ -116,18 +120,24 @@ def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
             t0 = time.perf_counter()
             fn()
             runs[name].append((time.perf_counter() - t0) * 1e3)
-    return ({name: {"median_ms": statistics.median(t), "min_ms": min(t), "runs_ms": t} for name, t in runs.items()},
-            results)
+    return (
+        {name: {"median_ms": statistics.median(t), "min_ms": min(t), "runs_ms": t} for name, t in runs.items()},
+        results,
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "labels.json")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--reference", type=Path, default=Path(os.environ.get("CELLSAM_TRT_REFERENCE",
-                                                                          ROOT.parent / "shared" / "reference")))
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("CELLSAM_TRT_CACHE",
-                                                                      Path.home() / ".cache" / "cellsam-trt")))
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=Path(os.environ.get("CELLSAM_TRT_REFERENCE", ROOT.parent / "shared" / "reference")),
+    )
+    p.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("CELLSAM_TRT_CACHE", Path.home() / ".cache" / "cellsam-trt"))
+    )
     args = p.parse_args(argv)
     if not (args.reference / "golden" / f"{CASE}.npz").exists():
         print(f"reference data not found at {args.reference}", file=sys.stderr)
@@ -138,13 +148,26 @@ def main(argv=None) -> int:
     keep = iou >= 0.5
     h, w = g["labels_raw"].shape
     workloads = {"kept": np.ascontiguousarray(lowres_all[keep]), "all": lowres_all}
-    result = {"case": CASE, "height": h, "width": w, "machine": machine_info(), "repeats": args.repeats,
-              "kept_matches_golden": bool(np.array_equal(keep, g["kept"])), "assemble": {}, "fill_holes": {}}
+    result = {
+        "case": CASE,
+        "height": h,
+        "width": w,
+        "machine": machine_info(),
+        "repeats": args.repeats,
+        "kept_matches_golden": bool(np.array_equal(keep, g["kept"])),
+        "assemble": {},
+        "fill_holes": {},
+    }
 
     for name, lowres in workloads.items():
-        timings, labels = timed({"native": lambda: _native.assemble_labels(lowres, h, w),
-                                 "numpy": lambda: ref.assemble_labels(lowres, h, w),
-                                 "torch": lambda: ref.torch_assemble_labels(lowres, h, w)}, args.repeats)
+        timings, labels = timed(
+            {
+                "native": lambda x=lowres: _native.assemble_labels(x, h, w),
+                "numpy": lambda x=lowres: ref.assemble_labels(x, h, w),
+                "torch": lambda x=lowres: ref.torch_assemble_labels(x, h, w),
+            },
+            args.repeats,
+        )
         r = {"masks": len(lowres), **timings}
         lab_native = labels["native"]
         r["pixels_native_vs_numpy_differing"] = int((lab_native != labels["numpy"]).sum())
@@ -155,8 +178,13 @@ def main(argv=None) -> int:
             r[f"speedup_vs_{route}"] = r[route]["median_ms"] / r["native"]["median_ms"]
         result["assemble"][name] = r
 
-        timings, filled = timed({"native": lambda: _native.fill_holes_and_remove_small_masks(lab_native, 25),
-                                 "scipy": lambda: ref.fill_holes_and_remove_small_masks(lab_native, 25)}, args.repeats)
+        timings, filled = timed(
+            {
+                "native": lambda x=lab_native: _native.fill_holes_and_remove_small_masks(x, 25),
+                "scipy": lambda x=lab_native: ref.fill_holes_and_remove_small_masks(x, 25),
+            },
+            args.repeats,
+        )
         f = dict(timings)
         f["identical"] = bool(np.array_equal(filled["native"], filled["scipy"]))
         f["speedup_vs_scipy"] = f["scipy"]["median_ms"] / f["native"]["median_ms"]
@@ -169,11 +197,13 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
     m = result["machine"]
-    print(f"{CASE} {h}x{w}; {m['cpu_model']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} -> "
-          f"{m['load_average_after'][0]:.1f}; "
-          f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}; median of {args.repeats}")
+    print(
+        f"{CASE} {h}x{w}; {m['cpu_model']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} -> "
+        f"{m['load_average_after'][0]:.1f}; "
+        f"torch {m['torch']} ({m['torch_threads']} threads), numpy {m['numpy']}; median of {args.repeats}"
+    )
     print(f"{'step':<10} {'masks':>5} {'route':<7} {'median ms':>10} {'min ms':>9} {'native x':>9}")
-    for name, r in result["assemble"].items():
+    for r in result["assemble"].values():
         for route in ("native", "numpy", "torch"):
             t = r[route]
             sp = t["median_ms"] / r["native"]["median_ms"]
@@ -185,8 +215,11 @@ def main(argv=None) -> int:
             sp = t["median_ms"] / f["native"]["median_ms"]
             print(f"{'fill':<10} {n:>5} {route:<7} {t['median_ms']:>10.2f} {t['min_ms']:>9.2f} {sp:>9.1f}")
     for name, r in result["assemble"].items():
-        print(f"{name}: pixels differing native/numpy {r['pixels_native_vs_numpy_differing']}, "
-              f"native/torch {r['pixels_native_vs_torch_differing']}; fill identical {result['fill_holes'][name]['identical']}")
+        print(
+            f"{name}: pixels differing native/numpy {r['pixels_native_vs_numpy_differing']}, "
+            f"native/torch {r['pixels_native_vs_torch_differing']}; "
+            f"fill identical {result['fill_holes'][name]['identical']}"
+        )
     print(f"wrote {args.out}")
     return 0
 

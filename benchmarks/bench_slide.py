@@ -75,8 +75,9 @@ def step_write(size: int, path: str, seed: int, pitch: int | None = None) -> dic
     return {"seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib(), "bytes": os.path.getsize(path)}
 
 
-def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float, mode: str = "exact",
-                 pitch: int | None = None) -> dict:
+def step_segment(
+    path: str, dest: str, tile: int, overlap: int, threshold: float, mode: str = "exact", pitch: int | None = None
+) -> dict:
     from cellsam_trt.slide.grid import TileSettings
     from cellsam_trt.slide.io import open_slide
     from cellsam_trt.slide.run import SlideOutput, segment_slide
@@ -85,20 +86,29 @@ def step_segment(path: str, dest: str, tile: int, overlap: int, threshold: float
     t0 = time.perf_counter()
     threshold = threshold or _slide(8, 0, pitch).threshold()
     if mode.startswith("export="):  # the CellSAM engine on an export directory (ONNX Runtime)
-        from cellsam_trt.engine.api import CellSAMEngine
+        from cellsam_trt.api import CellSAM
 
-        engine = CellSAMEngine.load(mode.split("=", 1)[1])
+        engine = CellSAM.load(mode.split("=", 1)[1])
     else:
         engine = ThresholdSegmenter(threshold, drop_edge_cells=mode == "drop_edge")
-    res = segment_slide(open_slide(path), engine, SlideOutput(Path(dest)),
-                        TileSettings(tile_size=tile, overlap=overlap))
+    res = segment_slide(
+        open_slide(path), engine, SlideOutput(Path(dest)), TileSettings(tile_size=tile, overlap=overlap)
+    )
     total = time.perf_counter() - t0
-    return {"seconds": total, "passes": res.seconds, "tiles": res.grid["tiles"], "tiles_per_s": res.grid["tiles"] / total,
-            "cells": res.cells, "peak_rss_mib": _peak_rss_mib(), "ok": res.ok}
+    return {
+        "seconds": total,
+        "passes": res.seconds,
+        "tiles": res.grid["tiles"],
+        "tiles_per_s": res.grid["tiles"] / total,
+        "cells": res.cells,
+        "peak_rss_mib": _peak_rss_mib(),
+        "ok": res.ok,
+    }
 
 
-def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, pitch: int | None = None,
-               chunk: int = 2048) -> dict:
+def step_score(
+    size: int, seed: int, dest: str, tile: int, overlap: int, pitch: int | None = None, chunk: int = 2048
+) -> dict:
     from cellsam_trt.metrics import StreamedInstanceMatch
     from cellsam_trt.slide.grid import TileGrid, TileSettings
     from cellsam_trt.slide.io import open_slide
@@ -112,8 +122,13 @@ def step_score(size: int, seed: int, dest: str, tile: int, overlap: int, pitch: 
             y1, x1 = min(y + chunk, size), min(x + chunk, size)
             m.add(s.labels(y, y1, x, x1), pred.read(y, y1, x, x1))
     border, interior = s.cells_cut_by(TileGrid(size, size, TileSettings(tile_size=tile, overlap=overlap)))
-    return {"border": m.result(border), "interior": m.result(interior), "all": m.result(),
-            "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "border": m.result(border),
+        "interior": m.result(interior),
+        "all": m.result(),
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 # ------------------------------------------------------------------------------ commands
@@ -129,8 +144,9 @@ def cmd_memory(a) -> dict:
         row = {"size": size}
         row["write"] = _child(["_write", str(size), str(path), str(a.seed)])
         if a.engine_export:  # the real engine in the loop (a random tiny model: finds no cells; not scored)
-            row["segment"] = _child(["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr),
-                                     f"export={a.engine_export}"])
+            row["segment"] = _child(
+                ["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr), f"export={a.engine_export}"]
+            )
             row["engine"] = a.engine_export
         else:
             row["segment"] = _child(["_segment", str(path), str(dest), str(a.tile), str(a.overlap), str(thr)])
@@ -149,10 +165,10 @@ def cmd_memory(a) -> dict:
 
 def cellsam_seconds_per_tile(export: str, threads: int, reps: int = 2) -> dict:
     """Seconds of one 1024 x 1024 automatic-mode tile on the CellSAM engine (ORT FP32)."""
-    from cellsam_trt.engine.api import CellSAMEngine
+    from cellsam_trt.api import CellSAM
     from cellsam_trt.slide.synthetic import SyntheticSlide
 
-    engine = CellSAMEngine.load(export, threads=threads)
+    engine = CellSAM.load(export, threads=threads)
     tile = SyntheticSlide(1024, 1024, seed=11, **SLIDE_KW).image(0, 1024, 0, 1024)
     times = []
     for _ in range(reps):
@@ -177,8 +193,7 @@ def cmd_sweep(a) -> dict:
             size = 4 * (tile - overlap) + overlap
             path = work / f"sweep{size}.ome.tif"
             _child(["_write", str(size), str(path), str(a.seed), "37"])
-            row = {"tile": tile, "overlap": overlap, "slide": size,
-                   "tiles_per_megapixel": 1e6 / (tile - overlap) ** 2}
+            row = {"tile": tile, "overlap": overlap, "slide": size, "tiles_per_megapixel": 1e6 / (tile - overlap) ** 2}
             for mode in ("exact", "drop_edge"):
                 dest = work / f"sweep_{tile}_{overlap}_{mode}.ome.zarr"
                 seg = _child(["_segment", str(path), str(dest), str(tile), str(overlap), "0", mode, "37"])
@@ -192,9 +207,15 @@ def cmd_sweep(a) -> dict:
             print(json.dumps(row), file=sys.stderr)
             rows.append(row)
             path.unlink()
-    return {"cellsam_per_tile": per_tile, "rows": rows,
-            "slide": {**SLIDE_KW, "pitch": 37,
-                      "cell_diameter_px": [2 * SLIDE_KW["radius"][0] - 1, 2 * SLIDE_KW["radius"][1] - 1]}}
+    return {
+        "cellsam_per_tile": per_tile,
+        "rows": rows,
+        "slide": {
+            **SLIDE_KW,
+            "pitch": 37,
+            "cell_diameter_px": [2 * SLIDE_KW["radius"][0] - 1, 2 * SLIDE_KW["radius"][1] - 1],
+        },
+    }
 
 
 def _tiles(size, tile, overlap):
@@ -206,8 +227,8 @@ def _tiles(size, tile, overlap):
 def official_style_tiled(slide_path: str, boxes: np.ndarray, tile: int, overlap: int, threads: int) -> dict:
     """Tiles one after another through the official structure (PyTorch, one decoder call per box)."""
     import torch
+    from bench_cpu import _new_run, official_style_image
 
-    from bench_cpu import official_style_image, _new_run
     from cellsam_trt.model.checkpoint import load_checkpoint
     from cellsam_trt.model.synthetic import synthetic_checkpoint
     from cellsam_trt.pipeline import SegmentSettings
@@ -227,15 +248,22 @@ def official_style_tiled(slide_path: str, boxes: np.ndarray, tile: int, overlap:
             e = routed.per_tile.get(t.index)
             if e is None:
                 continue
-            official_style_image(run, sam, model.adv_mode, SegmentSettings(), f"tile{t.index}",
-                                 src.read(t.y0, t.y1, t.x0, t.x1), e["boxes"])
+            official_style_image(
+                run,
+                sam,
+                model.adv_mode,
+                SegmentSettings(),
+                f"tile{t.index}",
+                src.read(t.y0, t.y1, t.x0, t.x1),
+                e["boxes"],
+            )
     return {"seconds": time.perf_counter() - t0, "tiles": len(routed.per_tile), "stages": run["stages"]}
 
 
 def cmd_compare(a) -> dict:
     from distributed import Client
 
-    from cellsam_trt.engine.api import CellSAMEngine, EngineSpec
+    from cellsam_trt.api import CellSAM, EngineSpec
     from cellsam_trt.slide.distributed import local_cluster, segment_slide_dask
     from cellsam_trt.slide.grid import TileSettings
     from cellsam_trt.slide.io import open_slide, read_labels
@@ -255,17 +283,25 @@ def cmd_compare(a) -> dict:
     res = {"boxes": len(boxes)}
     res["official_style_torch"] = official_style_tiled(str(path), boxes, a.tile, a.overlap, a.threads)
     print(json.dumps(res), file=sys.stderr)
-    engine = CellSAMEngine.load(a.export, threads=a.threads)
+    engine = CellSAM.load(a.export, threads=a.threads)
     t0 = time.perf_counter()
     r1 = segment_slide(open_slide(path), engine, SlideOutput(work / "c_one.ome.zarr"), tiles, boxes=boxes)
     res["ort_one_process"] = {"seconds": time.perf_counter() - t0, "passes": r1.seconds, "cells": r1.cells}
+    engine.close()
     del engine
-    spec = EngineSpec(model_dir=a.export, threads=1)
+    spec = EngineSpec(model=a.export, threads=1)
     with local_cluster(a.workers) as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
-        r2 = segment_slide_dask(client, open_slide(path), spec, SlideOutput(work / "c_dask.ome.zarr"), tiles, boxes=boxes)
-        res["ort_dask_local"] = {"seconds": time.perf_counter() - t0, "workers": a.workers, "threads_per_worker": 1,
-                                 "passes": r2.seconds, "cells": r2.cells}
+        r2 = segment_slide_dask(
+            client, open_slide(path), spec, SlideOutput(work / "c_dask.ome.zarr"), tiles, boxes=boxes
+        )
+        res["ort_dask_local"] = {
+            "seconds": time.perf_counter() - t0,
+            "workers": a.workers,
+            "threads_per_worker": 1,
+            "passes": r2.seconds,
+            "cells": r2.cells,
+        }
     one, dask = read_labels(work / "c_one.ome.zarr"), read_labels(work / "c_dask.ome.zarr")
     res["dask_vs_one_process_pixel_agreement"] = float((one == dask).mean())
     base = res["official_style_torch"]["seconds"]
@@ -284,8 +320,9 @@ def cmd_compare(a) -> dict:
         from cellsam_trt.slide.synthetic import ThresholdSegmenter as TS
 
         t0 = time.perf_counter()
-        r4 = segment_slide_dask(client, open_slide(big), _ThresholdFactory(thr), SlideOutput(work / "b_dask.ome.zarr"),
-                                TileSettings())
+        r4 = segment_slide_dask(
+            client, open_slide(big), _ThresholdFactory(thr), SlideOutput(work / "b_dask.ome.zarr"), TileSettings()
+        )
         m["dask_local"] = {"seconds": time.perf_counter() - t0, "workers": a.workers, "passes": r4.seconds}
         del TS
     for k in m:
@@ -311,8 +348,11 @@ def main(argv=None) -> int:
     m = sub.add_parser("memory")
     m.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
     m.add_argument("--keep", action="store_true")
-    m.add_argument("--engine-export", default=None,
-                   help="segment with CellSAMEngine on this export (automatic mode) instead of the threshold stand-in")
+    m.add_argument(
+        "--engine-export",
+        default=None,
+        help="segment with CellSAM on this export (automatic mode) instead of the threshold stand-in",
+    )
     w = sub.add_parser("sweep")
     w.add_argument("--tiles", type=int, nargs="+", default=[512, 1024])
     w.add_argument("--overlaps", type=int, nargs="+", default=[0, 8, 16, 24, 32, 48, 64, 128])
@@ -330,8 +370,12 @@ def main(argv=None) -> int:
         q.add_argument("--export", default=None, help="export directory (cellsam-trt export) for the CellSAM figures")
     a = p.parse_args(argv)
     t0 = time.time()
-    result = {"command": a.cmd, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine_info(),
-              **{"memory": cmd_memory, "sweep": cmd_sweep, "compare": cmd_compare}[a.cmd](a)}
+    result = {
+        "command": a.cmd,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(),
+        **{"memory": cmd_memory, "sweep": cmd_sweep, "compare": cmd_compare}[a.cmd](a),
+    }
     result["wall_seconds"] = time.time() - t0
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1, default=float))
@@ -345,8 +389,15 @@ def _step_main(argv) -> int:
     if kind == "_write":
         r = step_write(int(rest[0]), rest[1], int(rest[2]), pitch(3))
     elif kind == "_segment":
-        r = step_segment(rest[0], rest[1], int(rest[2]), int(rest[3]), float(rest[4]),
-                         rest[5] if len(rest) > 5 else "exact", pitch(6))
+        r = step_segment(
+            rest[0],
+            rest[1],
+            int(rest[2]),
+            int(rest[3]),
+            float(rest[4]),
+            rest[5] if len(rest) > 5 else "exact",
+            pitch(6),
+        )
     else:
         r = step_score(int(rest[0]), int(rest[1]), rest[2], int(rest[3]), int(rest[4]), pitch(5))
     print(json.dumps(r, default=float))

@@ -47,7 +47,9 @@ if str(HERE.parent) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(HERE.parent))
 
 TOL = {  # scaled max abs difference (max |a - b| / max(1, max |b|)) allowed for graph vs eager
-    "fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2,
+    "fp32": 1e-5,
+    "fp16": 1e-2,
+    "bf16": 5e-2,
 }
 FP32_CUDA_VS_CPU_TOL = 1e-4  # FP32 without TF32: ~1e-6; with TF32: ~1e-3
 
@@ -85,9 +87,12 @@ def run_check(report: dict, name: str, fn) -> None:
         entry.update(status="failed", error=_first_line(e), traceback=traceback.format_exc(limit=8))
     entry["seconds"] = round(time.perf_counter() - t0, 2)
     report["checks"][name] = entry
-    print(f"gpu_check: {name}: {entry['status']}"
-          + (f" ({entry.get('error') or entry.get('reason') or ''})" if entry["status"] != "ok" else ""),
-          file=sys.stderr, flush=True)
+    print(
+        f"gpu_check: {name}: {entry['status']}"
+        + (f" ({entry.get('error') or entry.get('reason') or ''})" if entry["status"] != "ok" else ""),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- inputs
@@ -115,8 +120,11 @@ def model_inputs(adv_mode: bool, seed: int = 0):
 
     img, boxes = cells_image(seed, 200, 240, 12)
     sq = pre.squashed(pre.normalize_image(pre.to_three_channels(img)))
-    return (pre.sam_encoder_input(sq, adv_mode), pre.cellfinder_input(sq, adv_mode),
-            prompt_ops.scale_boxes_to_model(boxes, *img.shape))
+    return (
+        pre.sam_encoder_input(sq, adv_mode),
+        pre.cellfinder_input(sq, adv_mode),
+        prompt_ops.scale_boxes_to_model(boxes, *img.shape),
+    )
 
 
 # --------------------------------------------------------------------------- checks
@@ -127,21 +135,32 @@ def environment(device: str) -> dict:
 
     import cellsam_trt
 
-    env = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-           "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-           "cellsam_trt": cellsam_trt.__version__, "cuda_available": bool(torch.cuda.is_available()),
-           "requested_device": device}
+    env = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cellsam_trt": cellsam_trt.__version__,
+        "cuda_available": bool(torch.cuda.is_available()),
+        "requested_device": device,
+    }
     if device.startswith("cuda") and torch.cuda.is_available():
         dev = torch.device(device)
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
-        env.update(device_name=torch.cuda.get_device_name(idx), compute_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   bf16_supported=bool(torch.cuda.is_bf16_supported(including_emulation=False)))
+        env.update(
+            device_name=torch.cuda.get_device_name(idx),
+            compute_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            bf16_supported=bool(torch.cuda.is_bf16_supported(including_emulation=False)),
+        )
     else:
-        env.update(device_name=f"CPU ({platform.processor() or platform.machine()})", compute_capability=None,
-                   bf16_supported=None)
+        env.update(
+            device_name=f"CPU ({platform.processor() or platform.machine()})",
+            compute_capability=None,
+            bf16_supported=None,
+        )
     return env
 
 
@@ -181,8 +200,11 @@ def check_cuda_graphs(model, device: str, precisions: list[str]) -> dict:
                 "scaled_diff_vs_eager": max(_scaled(a, e) for a, e in zip(second, eager)),
                 "replays_identical": all(bool(torch.equal(a, c)) for a, c in zip(first, second)),
             }
-            res[graph]["ok"] = (res[graph]["graphed"] and res[graph]["replays_identical"]
-                                and res[graph]["scaled_diff_vs_eager"] <= TOL[p])
+            res[graph]["ok"] = (
+                res[graph]["graphed"]
+                and res[graph]["replays_identical"]
+                and res[graph]["scaled_diff_vs_eager"] <= TOL[p]
+            )
             if not res[graph]["ok"]:
                 failed.append(f"{p}/{graph}")
         out["per_precision"][p] = res
@@ -243,7 +265,8 @@ def check_fp32_cuda_vs_cpu(model, device: str) -> dict:
         "lowres_logits": {"max_abs": _maxabs(lr_g, lr_c), "scaled": _scaled(lr_g, lr_c)},
         "lowres_logits_same_embedding": {"max_abs": _maxabs(lr_gc, lr_c), "scaled": _scaled(lr_gc, lr_c)},
         "iou_predictions": {"max_abs": _maxabs(iou_g, iou_c), "scaled": _scaled(iou_g, iou_c)},
-        "callers_tf32_setting_restored": before == after, "tf32_setting": before,
+        "callers_tf32_setting_restored": before == after,
+        "tf32_setting": before,
         "tolerance_scaled": FP32_CUDA_VS_CPU_TOL,
     }
     if det_c is not None:
@@ -252,8 +275,11 @@ def check_fp32_cuda_vs_cpu(model, device: str) -> dict:
     worst = max(v["scaled"] for v in out.values() if isinstance(v, dict) and "scaled" in v)
     out["worst_scaled"] = worst
     if worst > FP32_CUDA_VS_CPU_TOL or not out["callers_tf32_setting_restored"]:
-        out.update(status="failed", error=f"worst scaled difference {worst:.3g} (tolerance {FP32_CUDA_VS_CPU_TOL}) "
-                                         f"or TF32 setting not restored ({before} -> {after})")
+        out.update(
+            status="failed",
+            error=f"worst scaled difference {worst:.3g} (tolerance {FP32_CUDA_VS_CPU_TOL}) "
+            f"or TF32 setting not restored ({before} -> {after})",
+        )
     return out
 
 
@@ -265,8 +291,12 @@ def _sdpa_ops(fn) -> list[str]:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     names = {e.key for e in prof.key_averages()}
-    prefixes = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention",
-                "aten::_cudnn_attention")
+    prefixes = (
+        "aten::_scaled_dot_product",
+        "aten::_flash_attention",
+        "aten::_efficient_attention",
+        "aten::_cudnn_attention",
+    )
     return sorted(n for n in names if n.startswith(prefixes))
 
 
@@ -282,8 +312,9 @@ def check_sdpa(model, device: str, precisions: list[str]) -> dict:
     fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if cuda else [SDPBackend.FLASH_ATTENTION]
     singles = {"flash": [SDPBackend.FLASH_ATTENTION]}
     if cuda:
-        singles.update(efficient=[SDPBackend.EFFICIENT_ATTENTION], cudnn=[SDPBackend.CUDNN_ATTENTION],
-                       math=[SDPBackend.MATH])
+        singles.update(
+            efficient=[SDPBackend.EFFICIENT_ATTENTION], cudnn=[SDPBackend.CUDNN_ATTENTION], math=[SDPBackend.MATH]
+        )
     out: dict = {"fused_set": [k.name for k in fused], "per_precision": {}}
     failed = []
     for p in precisions:
@@ -314,7 +345,8 @@ def check_sdpa(model, device: str, precisions: list[str]) -> dict:
                 except RuntimeError as e:
                     res.setdefault(label, {})[part] = _first_line(e)
         res["ok"] = res["fused"] == {"encoder": "ok", "decoder": "ok"} and not any(
-            "math" in op for ops in res["dispatched"].values() for op in ops)
+            "math" in op for ops in res["dispatched"].values() for op in ops
+        )
         if not res["ok"]:
             failed.append(p)
         out["per_precision"][p] = res
@@ -358,13 +390,26 @@ def check_scheduler(checkpoint: Path, device: str, precisions: list[str], n_imag
                 items.append({"index": i, "error": _first_line(item.error)})
                 continue
             a, b_ = seq.labels, item.segmentation.labels
-            items.append({"index": i, "equal": bool(a.shape == b_.shape and np.array_equal(a, b_)),
-                          "pixel_agreement": float((a == b_).mean()) if a.shape == b_.shape else 0.0,
-                          "n_labels": int(a.max()), "order": item.index})
-        ok = len(many) == n_images and all(it.get("equal") for it in items) and \
-            [it.get("order") for it in items] == list(range(n_images))
-        out["per_precision"][p] = {"scheduler": type(model.scheduler).__name__,
-                                   "backend": type(model.backend).__name__, "items": items, "ok": ok}
+            items.append(
+                {
+                    "index": i,
+                    "equal": bool(a.shape == b_.shape and np.array_equal(a, b_)),
+                    "pixel_agreement": float((a == b_).mean()) if a.shape == b_.shape else 0.0,
+                    "n_labels": int(a.max()),
+                    "order": item.index,
+                }
+            )
+        ok = (
+            len(many) == n_images
+            and all(it.get("equal") for it in items)
+            and [it.get("order") for it in items] == list(range(n_images))
+        )
+        out["per_precision"][p] = {
+            "scheduler": type(model.scheduler).__name__,
+            "backend": type(model.backend).__name__,
+            "items": items,
+            "ok": ok,
+        }
         if not ok:
             failed.append(p)
     if failed:
@@ -378,15 +423,22 @@ def check_scheduler(checkpoint: Path, device: str, precisions: list[str], n_imag
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default cuda)")
-    p.add_argument("--out", default=str(HERE / "results"),
-                   help="folder of gpu_check.json (default benchmarks/results)")
-    p.add_argument("--precisions", nargs="+", choices=("fp32", "fp16", "bf16"),
-                   help="default: fp32 fp16 bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of gpu_check.json (default benchmarks/results)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("fp32", "fp16", "bf16"),
+        help="default: fp32 fp16 bf16 on CUDA, fp32 on the CPU",
+    )
     p.add_argument("--images", type=int, default=3, help="images of the scheduler check")
     p.add_argument("--checkpoint", help="checkpoint file (default: the tiny synthetic model, generated and cached)")
     p.add_argument("--cache-dir", help="where the tiny synthetic checkpoint is cached (default ~/.cache/cellsam-trt)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("cuda_graphs", "fp32_cuda_vs_cpu", "sdpa_kernels",
-                                                             "scheduler_vs_sequential"))
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        choices=("cuda_graphs", "fp32_cuda_vs_cpu", "sdpa_kernels", "scheduler_vs_sequential"),
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -400,11 +452,19 @@ def main(argv=None) -> int:
     out_file = out_dir / "gpu_check.json"
     cuda = args.device.startswith("cuda")
     precisions = args.precisions or (["fp32", "fp16", "bf16"] if cuda else ["fp32"])
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": args.device, "precisions": precisions,
-                    "environment": environment(args.device), "checks": {}}
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": args.device,
+        "precisions": precisions,
+        "environment": environment(args.device),
+        "checks": {},
+    }
     if cuda and not torch.cuda.is_available():
-        report.update(ok=False, failed=[], error=f"no CUDA device (torch {torch.__version__}, "
-                                                  "torch.cuda.is_available() is False); use --device cpu")
+        report.update(
+            ok=False,
+            failed=[],
+            error=f"no CUDA device (torch {torch.__version__}, torch.cuda.is_available() is False); use --device cpu",
+        )
         out_file.write_text(json.dumps(report, indent=1))
         print(f"gpu_check: {report['error']}; wrote {out_file}", file=sys.stderr)
         return 2

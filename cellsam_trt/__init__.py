@@ -10,8 +10,13 @@ Importing the package loads nothing heavy: the names below are imported on first
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CellSAM": "api", "LoadError": "api", "PromptView": "api",
-    "Channels": "pipeline", "Prompts": "pipeline", "Segmentation": "pipeline", "SegmentSettings": "pipeline",
+    "CellSAM": "api",
+    "LoadError": "api",
+    "PromptView": "api",
+    "Channels": "pipeline",
+    "Prompts": "pipeline",
+    "Segmentation": "pipeline",
+    "SegmentSettings": "pipeline",
     "ItemResult": "scheduler",
 }
 __all__ = ["__version__", *_EXPORTS]

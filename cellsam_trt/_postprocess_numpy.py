@@ -139,8 +139,9 @@ def assemble_labels(lowres_logits: np.ndarray, height: int, width: int) -> np.nd
     return labels
 
 
-def fill_holes_and_remove_small_masks_with_sources(labels: np.ndarray, min_size: int = 25
-                                                   ) -> tuple[np.ndarray, np.ndarray]:
+def fill_holes_and_remove_small_masks_with_sources(
+    labels: np.ndarray, min_size: int = 25
+) -> tuple[np.ndarray, np.ndarray]:
     """The official post-processing of a label map (H, W) int (cellpose's loop), and where each
     final label came from.
 
@@ -197,8 +198,10 @@ def link_labels_by_iou(a: np.ndarray, b: np.ndarray, min_iou: float) -> np.ndarr
     la, lb = keys >> 32, keys & 0xFFFFFFFF
     union = area_a[np.searchsorted(la_all, la)] + area_b[np.searchsorted(lb_all, lb)] - inter
     ok = inter.astype(np.float64) / union.astype(np.float64) >= float(min_iou)
-    cands = sorted(zip(la[ok].tolist(), lb[ok].tolist(), inter[ok].tolist(), union[ok].tolist()),
-                   key=lambda c: (-Fraction(c[2], c[3]), c[0], c[1]))
+    cands = sorted(
+        zip(la[ok].tolist(), lb[ok].tolist(), inter[ok].tolist(), union[ok].tolist()),
+        key=lambda c: (-Fraction(c[2], c[3]), c[0], c[1]),
+    )
     used_a: set[int] = set()
     used_b: set[int] = set()
     out = []

@@ -85,15 +85,17 @@ def model_kind(model: str | os.PathLike) -> tuple[str, Path]:
             return "export", path
         if any(path.glob("*.engine")):
             return "engines", path
-        raise LoadError(f"{path}: neither an export directory (no {MANIFEST}; `cellsam-trt export`) nor a TensorRT "
-                        "engine directory (no *.engine; `cellsam-trt build`)")
+        raise LoadError(
+            f"{path}: neither an export directory (no {MANIFEST}; `cellsam-trt export`) nor a TensorRT "
+            "engine directory (no *.engine; `cellsam-trt build`)"
+        )
     if path.is_file():
         return "checkpoint", path
     raise LoadError(f"{model}: no such model file or directory")
 
 
 def _device(device: str, want_cuda: bool) -> str:
-    """"auto" / "cpu" / "cuda" / "cuda:N" -> "cpu" or "cuda:N"."""
+    """ "auto" / "cpu" / "cuda" / "cuda:N" -> "cpu" or "cuda:N"."""
     if device == "auto":
         return "cuda:0" if want_cuda else "cpu"
     if device == "cpu":
@@ -103,8 +105,9 @@ def _device(device: str, want_cuda: bool) -> str:
     raise LoadError(f"device must be auto, cpu, cuda or cuda:N, not {device!r}")
 
 
-def resolve(model: str | os.PathLike, backend: str = "auto", device: str = "auto",
-            precision: str | None = None) -> Choice:
+def resolve(
+    model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str | None = None
+) -> Choice:
     """Which backend, device, precision and scheduler ``CellSAM.load`` uses (see the module doc).
 
     precision None: FP32, or an engine directory's build precision. Raises LoadError when the
@@ -123,9 +126,13 @@ def resolve(model: str | os.PathLike, backend: str = "auto", device: str = "auto
             raise LoadError(f"{path} holds TensorRT engines, which run on a CUDA device, not the CPU")
         built = _engine_precision(path)
         if precision is not None and precision != built:
-            raise LoadError(f"{path}: the engines were built for {built}, not {precision} "
-                            f"(rebuild: cellsam-trt build --precision {precision})")
-        return Choice(kind, path, "trt", dev, built, "gpu" if _has("torch") else "cpu", "an engine directory runs on TensorRT")
+            raise LoadError(
+                f"{path}: the engines were built for {built}, not {precision} "
+                f"(rebuild: cellsam-trt build --precision {precision})"
+            )
+        return Choice(
+            kind, path, "trt", dev, built, "gpu" if _has("torch") else "cpu", "an engine directory runs on TensorRT"
+        )
     if backend == "trt":
         raise LoadError(f"{path}: backend trt needs an engine directory (cellsam-trt build --onnx EXPORT --out DIR)")
     cuda = None
@@ -133,8 +140,10 @@ def resolve(model: str | os.PathLike, backend: str = "auto", device: str = "auto
         cuda = cuda_available()
     dev = _device(device, bool(cuda))
     if dev.startswith("cuda") and backend != "ort" and not cuda_available():
-        raise LoadError(f"device {device} asked for, but no CUDA device is visible to PyTorch"
-                        + ("" if _has("torch") else " (PyTorch is not installed)"))
+        raise LoadError(
+            f"device {device} asked for, but no CUDA device is visible to PyTorch"
+            + ("" if _has("torch") else " (PyTorch is not installed)")
+        )
     prec = precision or "fp32"
     if backend == "auto":
         if kind == "export":
@@ -145,8 +154,9 @@ def resolve(model: str | os.PathLike, backend: str = "auto", device: str = "auto
             backend, reason = "ort", "a checkpoint on the CPU runs on ONNX Runtime (exported once, cached)"
         else:
             backend = "torch"
-            reason = ("a checkpoint on the CPU runs on the torch backend ("
-                      + ("onnxruntime / onnx not installed)" if prec == "fp32" else f"{prec} on the CPU)"))
+            reason = "a checkpoint on the CPU runs on the torch backend (" + (
+                "onnxruntime / onnx not installed)" if prec == "fp32" else f"{prec} on the CPU)"
+            )
     else:
         reason = f"backend {backend} asked for"
     if backend == "ort":
@@ -157,8 +167,10 @@ def resolve(model: str | os.PathLike, backend: str = "auto", device: str = "auto
         if kind == "checkpoint" and prec == "int8":
             raise LoadError(f"{path}: int8 needs an export made with `cellsam-trt export --int8`")
         if kind == "checkpoint" and not (_has("torch") and _has("onnx")):
-            raise LoadError(f"{path}: exporting a checkpoint for ONNX Runtime needs torch and onnx: "
-                            "pip install 'cellsam-trt[export]' (or run an export directory)")
+            raise LoadError(
+                f"{path}: exporting a checkpoint for ONNX Runtime needs torch and onnx: "
+                "pip install 'cellsam-trt[export]' (or run an export directory)"
+            )
     if backend == "torch":
         if not _has("torch"):
             raise LoadError("backend torch needs PyTorch: pip install 'cellsam-trt[torch]'")
@@ -184,8 +196,10 @@ def _export_checkpoint(model_dir: Path) -> Path:
     ck = read_manifest(model_dir).get("checkpoint", {})
     path = ck.get("path")
     if not path or not Path(path).is_file():
-        raise LoadError(f"{model_dir}: the checkpoint it was exported from ({path}) is not here; "
-                        "load the checkpoint itself with backend torch")
+        raise LoadError(
+            f"{model_dir}: the checkpoint it was exported from ({path}) is not here; "
+            "load the checkpoint itself with backend torch"
+        )
     if ck.get("sha256") and sha256_file(path) != ck["sha256"]:
         raise LoadError(f"{path}: sha256 differs from the checkpoint {model_dir} was exported from")
     return Path(path)
@@ -208,8 +222,10 @@ def build_backend(choice: Choice, threads: int = 0, export_cache: str | os.PathL
                 model_dir = export_on_the_fly(choice.path, export_cache, threads, log=log.info)
             providers = ["cpu"] if choice.device == "cpu" else ["cuda"]
             device_id = int(choice.device.split(":")[1]) if choice.device.startswith("cuda") else 0
-            return OrtBackend(model_dir, OrtConfig(providers=providers, threads=threads, precision=choice.precision,
-                                                   device_id=device_id))
+            return OrtBackend(
+                model_dir,
+                OrtConfig(providers=providers, threads=threads, precision=choice.precision, device_id=device_id),
+            )
         import torch
 
         from .engine.torch_backend import TorchBackend
@@ -222,7 +238,9 @@ def build_backend(choice: Choice, threads: int = 0, export_cache: str | os.PathL
     except LoadError:
         raise
     except (BackendError, OSError, ValueError, ImportError) as e:
-        raise LoadError(f"{choice.path}: cannot load on {choice.backend} ({choice.device}, {choice.precision}): {e}") from e
+        raise LoadError(
+            f"{choice.path}: cannot load on {choice.backend} ({choice.device}, {choice.precision}): {e}"
+        ) from e
 
 
 class CellSAM:
@@ -234,8 +252,16 @@ class CellSAM:
     held (the GPU scheduler holds ``queue_size`` per stage).
     """
 
-    def __init__(self, backend: Backend, settings: P.SegmentSettings | None = None, scheduler: str = "auto",
-                 readers: int = 1, workers: int = 2, max_in_flight: int = 4, description: dict | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: P.SegmentSettings | None = None,
+        scheduler: str = "auto",
+        readers: int = 1,
+        workers: int = 2,
+        max_in_flight: int = 4,
+        description: dict | None = None,
+    ) -> None:
         self.backend = backend
         self.settings = settings or P.SegmentSettings()
         if scheduler == "auto":
@@ -248,13 +274,29 @@ class CellSAM:
             self.scheduler = CpuScheduler(backend, self.settings, readers, workers, max_in_flight)
         else:
             raise ValueError(f"scheduler must be auto, cpu or gpu, not {scheduler!r}")
-        self.description = {"backend": backend.name, "device": str(backend.device), "precision": backend.precision,
-                            "scheduler": scheduler, "adv_mode": backend.adv_mode, **(description or {})}
+        self.description = {
+            "backend": backend.name,
+            "device": str(backend.device),
+            "precision": backend.precision,
+            "scheduler": scheduler,
+            "adv_mode": backend.adv_mode,
+            **(description or {}),
+        }
 
     @classmethod
-    def load(cls, model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str | None = None,
-             threads: int = 0, *, settings: P.SegmentSettings | None = None, channels: P.Channels | None = None,
-             export_cache: str | os.PathLike | None = None, **scheduler_options) -> CellSAM:
+    def load(
+        cls,
+        model: str | os.PathLike,
+        backend: str = "auto",
+        device: str = "auto",
+        precision: str | None = None,
+        threads: int = 0,
+        *,
+        settings: P.SegmentSettings | None = None,
+        channels: P.Channels | None = None,
+        export_cache: str | os.PathLike | None = None,
+        **scheduler_options,
+    ) -> CellSAM:
         """Load ``model``: an export directory (``cellsam-trt export``), a TensorRT engine
         directory (``cellsam-trt build``) or a checkpoint file (CellSAM or SAM, weights only).
 
@@ -264,8 +306,15 @@ class CellSAM:
         export_cache: where a checkpoint's export for ONNX Runtime is kept.
         """
         choice = resolve(model, backend, device, precision)
-        log.info("cellsam_trt: %s on %s (%s, %s, %s scheduler): %s", choice.path, choice.backend, choice.device,
-                 choice.precision, choice.scheduler, choice.reason)
+        log.info(
+            "cellsam_trt: %s on %s (%s, %s, %s scheduler): %s",
+            choice.path,
+            choice.backend,
+            choice.device,
+            choice.precision,
+            choice.scheduler,
+            choice.reason,
+        )
         settings = P.with_channels(settings or P.SegmentSettings(), channels)
         be = build_backend(choice, threads, export_cache)
         desc = {"model": str(choice.path), "reason": choice.reason}
@@ -274,8 +323,9 @@ class CellSAM:
         return cls(be, settings, choice.scheduler, description=desc, **scheduler_options)
 
     # -- one image -----------------------------------------------------------------------------
-    def segment(self, image: np.ndarray, boxes=None, points=None, point_labels=None,
-                channels: P.Channels | None = None) -> P.Segmentation:
+    def segment(
+        self, image: np.ndarray, boxes=None, points=None, point_labels=None, channels: P.Channels | None = None
+    ) -> P.Segmentation:
         """Segment one image ((H, W) or 3-D with channels, any numeric dtype).
 
         boxes: (N, 4) XYXY; points: (N, P, 2) XY with point_labels (N, P) (1 cell, 0
@@ -291,8 +341,9 @@ class CellSAM:
         return PromptView(self, prepared, P.embed(self.backend, prepared), settings)
 
     # -- many images ---------------------------------------------------------------------------
-    def segment_many(self, sources: Iterable, prompts=None, channels: P.Channels | None = None,
-                     max_in_flight: int | None = None) -> Iterator[ItemResult]:
+    def segment_many(
+        self, sources: Iterable, prompts=None, channels: P.Channels | None = None, max_in_flight: int | None = None
+    ) -> Iterator[ItemResult]:
         """Segment a stream of images (arrays, paths, or zero-argument callables returning an
         array), yielding one ``ItemResult`` per image in input order, with bounded memory.
 
@@ -365,8 +416,15 @@ class EngineSpec:
 
     def build(self) -> tuple[CellSAM, dict]:
         """-> (model, its description for run summaries)."""
-        m = CellSAM.load(self.model, self.backend, self.device, self.precision, self.threads, settings=self.settings,
-                         export_cache=self.export_cache)
+        m = CellSAM.load(
+            self.model,
+            self.backend,
+            self.device,
+            self.precision,
+            self.threads,
+            settings=self.settings,
+            export_cache=self.export_cache,
+        )
         return m, dict(m.description)
 
     def with_device(self, device: str) -> EngineSpec:

@@ -16,8 +16,10 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from . import outputs
 from .api import CellSAM, EngineSpec, LoadError
 from .export.cli import add_export_parser
 from .export.trt_cli import add_build_parser
-from .pipeline import Channels, Prompts, SegmentSettings
+from .pipeline import Channels, Prompts, PromptWarning, SegmentSettings
 
 FORMATS = ("tif", "npy", "png")
 
@@ -38,8 +40,11 @@ def _expand_inputs(inputs: list[str], slides: bool = False) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir() and not (slides and p.suffix.lower() == ".zarr"):
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in cio.IMAGE_SUFFIXES
-                            or (slides and f.suffix.lower() == ".zarr" and f.is_dir()))
+            files += sorted(
+                f
+                for f in p.iterdir()
+                if f.suffix.lower() in cio.IMAGE_SUFFIXES or (slides and f.suffix.lower() == ".zarr" and f.is_dir())
+            )
         elif any(c in item for c in "*?["):
             files += sorted(Path(f) for f in glob.glob(item, recursive=True) if Path(f).is_file())
         else:
@@ -52,9 +57,11 @@ def _expand_inputs(inputs: list[str], slides: bool = False) -> list[Path]:
     return out
 
 
-NO_MODEL = ("cellsam-trt: no model given. Name one with --model: an export directory (cellsam-trt export), a "
-            "TensorRT engine directory (cellsam-trt build) or a checkpoint file; --synthetic-seed N runs the synthetic "
-            "test checkpoint (random weights, not for real images); `cellsam-trt demo` runs a self-contained example")
+NO_MODEL = (
+    "cellsam-trt: no model given. Name one with --model: an export directory (cellsam-trt export), a "
+    "TensorRT engine directory (cellsam-trt build) or a checkpoint file; --synthetic-seed N runs the synthetic "
+    "test checkpoint (random weights, not for real images); `cellsam-trt demo` runs a self-contained example"
+)
 
 
 def _model_path(args) -> str:
@@ -64,8 +71,10 @@ def _model_path(args) -> str:
         return str(model)
     if getattr(args, "synthetic_seed", None) is not None:
         if importlib.util.find_spec("torch") is None:
-            raise SystemExit("cellsam-trt: --synthetic-seed needs PyTorch to make the synthetic checkpoint: "
-                             "pip install 'cellsam-trt[torch]'")
+            raise SystemExit(
+                "cellsam-trt: --synthetic-seed needs PyTorch to make the synthetic checkpoint: "
+                "pip install 'cellsam-trt[torch]'"
+            )
         from .model.synthetic import synthetic_checkpoint
 
         return str(synthetic_checkpoint(args.synthetic_seed))
@@ -73,16 +82,26 @@ def _model_path(args) -> str:
 
 
 def settings_from_args(args) -> SegmentSettings:
-    return SegmentSettings(bbox_threshold=args.bbox_threshold, iou_threshold=args.iou_threshold,
-                           channels=Channels(getattr(args, "nuclear_channel", None),
-                                             getattr(args, "wholecell_channel", None), args.channel_axis))
+    return SegmentSettings(
+        bbox_threshold=args.bbox_threshold,
+        iou_threshold=args.iou_threshold,
+        channels=Channels(
+            getattr(args, "nuclear_channel", None), getattr(args, "wholecell_channel", None), args.channel_axis
+        ),
+    )
 
 
 def engine_spec(args) -> EngineSpec:
     """The ``api.EngineSpec`` (a picklable ``CellSAM.load`` recipe) the options name."""
-    return EngineSpec(model=_model_path(args), backend=args.backend, device=args.device, precision=args.precision,
-                      threads=args.threads, settings=settings_from_args(args),
-                      export_cache=None if args.export_cache is None else str(args.export_cache))
+    return EngineSpec(
+        model=_model_path(args),
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        settings=settings_from_args(args),
+        export_cache=None if args.export_cache is None else str(args.export_cache),
+    )
 
 
 def _build_engine(spec: EngineSpec, **scheduler_options):
@@ -90,8 +109,16 @@ def _build_engine(spec: EngineSpec, **scheduler_options):
     logging.basicConfig(format="%(message)s")
     logging.getLogger("cellsam_trt").setLevel(logging.INFO)
     try:
-        model = CellSAM.load(spec.model, spec.backend, spec.device, spec.precision, spec.threads,
-                             settings=spec.settings, export_cache=spec.export_cache, **scheduler_options)
+        model = CellSAM.load(
+            spec.model,
+            spec.backend,
+            spec.device,
+            spec.precision,
+            spec.threads,
+            settings=spec.settings,
+            export_cache=spec.export_cache,
+            **scheduler_options,
+        )
     except LoadError as e:
         raise SystemExit(f"cellsam-trt: {e}") from None
     return model, dict(model.description)
@@ -121,9 +148,14 @@ def _run_images(model, jobs, boxes, points, args, bar):
     """Segment ``jobs`` [(file, output paths, summary entry)] with ``segment_many`` (read and
     prepared ahead, ``--batch-size`` images in flight) and write each result in a writer thread
     behind inference; yields each finished entry in input order."""
-    prompt = None if boxes is None and points is None else Prompts(
-        boxes, None if points is None else points[0], None if points is None else points[1])
-    results = model.segment_many((f for f, _, _ in jobs), prompt)
+    prompt = (
+        None
+        if boxes is None and points is None
+        else Prompts(boxes, None if points is None else points[0], None if points is None else points[1])
+    )
+    max_pixels = args.max_pixels or cio.default_max_pixels()
+    # each file is read in a reader thread, its header checked against the pixel budget first
+    results = model.segment_many((partial(cio.read_image, f, max_pixels=max_pixels) for f, _, _ in jobs), prompt)
 
     def write(f, paths, entry, item):
         try:
@@ -131,6 +163,14 @@ def _run_images(model, jobs, boxes, points, args, bar):
                 raise item.error
             entry.update(_write_outputs(item.segmentation, paths, args))
             entry.update(status="ok", seconds=round(item.seconds, 3))
+            dropped = item.segmentation.details.dropped_prompts
+            if len(dropped):
+                entry["dropped_prompts"] = dropped.tolist()
+                bar.write(
+                    f"warning: {f}: {len(dropped)} prompts lie outside the image and were dropped "
+                    f"(prompts {dropped[:10].tolist()}{' ...' if len(dropped) > 10 else ''})",
+                    file=sys.stderr,
+                )
         except Exception as e:  # one bad file must not stop the job
             msg = _error_message(f, e)
             entry.update(status="error", error=msg, seconds=round(item.seconds, 3))
@@ -186,8 +226,9 @@ def _tile_settings(args, source):
     if args.target_pixel_size is not None:
         px = args.pixel_size or (source.pixel_size_um[1] if source.pixel_size_um else None)
         if px is None:
-            raise ValueError(f"{source.name}: --target-pixel-size given, but the file states no pixel size; "
-                             "give --pixel-size")
+            raise ValueError(
+                f"{source.name}: --target-pixel-size given, but the file states no pixel size; give --pixel-size"
+            )
         scale = TileSettings.scale_for_pixel_size(px, args.target_pixel_size)
     return TileSettings(tile_size=args.tile_size or 1024, overlap=args.overlap, scale=scale)
 
@@ -218,8 +259,11 @@ class _SlideRunner:
                 self.cluster = local_cluster(args.dask_local, threads_per_worker=max(1, args.threads or 1))
                 self.client = Client(self.cluster)
             self.client.register_plugin(make_engine_plugin(spec), name=PLUGIN)
-            print(f"dask: {self.client.scheduler_info().get('address', args.dask)} with "
-                  f"{len(self.client.scheduler_info().get('workers', {}))} workers", file=sys.stderr)
+            print(
+                f"dask: {self.client.scheduler_info().get('address', args.dask)} with "
+                f"{len(self.client.scheduler_info().get('workers', {}))} workers",
+                file=sys.stderr,
+            )
         else:
             self.engine, _ = _build_engine(spec)
 
@@ -232,13 +276,17 @@ class _SlideRunner:
         try:
             tiles = _tile_settings(args, source)
             dest = paths["labels"]
-            output = SlideOutput(dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels,
-                                 table=paths.get("table"))
-            kw = dict(boxes=boxes, points=points[0] if points else None,
-                      point_labels=points[1] if points else None,
-                      channels=ChannelMap(args.nuclear_channel, args.wholecell_channel),
-                      fingerprint={"engine": repr(self.spec)},
-                      progress=lambda k, n: bar.set_postfix_str(f"{f.name}: tile {k}/{n}"))
+            output = SlideOutput(
+                dest, fmt=args.slide_format, chunk=args.chunk, levels=args.levels, table=paths.get("table")
+            )
+            kw = dict(
+                boxes=boxes,
+                points=points[0] if points else None,
+                point_labels=points[1] if points else None,
+                channels=ChannelMap(args.nuclear_channel, args.wholecell_channel),
+                fingerprint={"engine": repr(self.spec)},
+                progress=lambda k, n: bar.set_postfix_str(f"{f.name}: tile {k}/{n}"),
+            )
             if self.client is not None:
                 from .slide.distributed import segment_slide_dask
 
@@ -253,8 +301,11 @@ class _SlideRunner:
             bar.write(f"warning: {f}: prompt {i} not segmented: {why}", file=sys.stderr)
         entry = {"cells": res.cells, "shape": [source.height, source.width], "slide": res.summary()}
         if res.failed:
-            raise _SlideIncomplete(f"{f}: {len(res.failed)} of {res.grid['tiles']} tiles failed (their regions are "
-                                   f"empty in {dest}; run again to redo them)", entry)
+            raise _SlideIncomplete(
+                f"{f}: {len(res.failed)} of {res.grid['tiles']} tiles failed (their regions are "
+                f"empty in {dest}; run again to redo them)",
+                entry,
+            )
         return entry
 
     def close(self):
@@ -280,16 +331,20 @@ def _needs_run(paths: dict[str, Path], args) -> bool:
 
 
 def cmd_run(args) -> int:
+    warnings.filterwarnings("ignore", category=PromptWarning)  # reported per file below, in one line
     from tqdm import tqdm
 
     files = _expand_inputs(args.inputs, slides=_tiled(args))
     if not files:
         print("cellsam-trt: no input images found", file=sys.stderr)
         return 2
+    try:  # a bad prompt file is a usage error: one line, exit code 2
+        boxes = cio.read_boxes(args.boxes) if args.boxes else None
+        points = cio.read_points(args.points) if args.points else None
+    except cio.InputError as e:
+        raise SystemExit(f"cellsam-trt: {e}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    boxes = cio.read_boxes(args.boxes) if args.boxes else None
-    points = cio.read_points(args.points) if args.points else None
     spec = engine_spec(args)
     if _tiled(args):
         if args.geojson:
@@ -300,7 +355,9 @@ def cmd_run(args) -> int:
         engine, model_info = _build_engine(spec, readers=max(1, args.workers), max_in_flight=max(1, args.batch_size))
     summary = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"},
-        **model_info, "versions": _versions(), "files": [],
+        **model_info,
+        "versions": _versions(),
+        "files": [],
     }
     t_start = time.perf_counter()
     entries, jobs = [], []
@@ -316,8 +373,11 @@ def cmd_run(args) -> int:
     failed = done = 0
     bar = tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=args.quiet)
     try:
-        finished = (_run_slides(runner, jobs, boxes, points, bar) if _tiled(args)
-                    else _run_images(engine, jobs, boxes, points, args, bar))
+        finished = (
+            _run_slides(runner, jobs, boxes, points, bar)
+            if _tiled(args)
+            else _run_images(engine, jobs, boxes, points, args, bar)
+        )
         for entry in finished:
             if entry["status"] == "ok":
                 done += 1
@@ -330,6 +390,7 @@ def cmd_run(args) -> int:
         if _tiled(args):
             runner.close()
     summary["failed"] = failed
+    summary["dropped_prompts"] = sum(len(e.get("dropped_prompts", ())) for e in entries)
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
     cio.write_json(summary, out / "run_summary.json")
     skipped = len(files) - done - failed
@@ -360,15 +421,33 @@ def cmd_demo(args) -> int:
     image, boxes = synthetic_cells(0)
     tifffile.imwrite(inputs / "cells.tif", image)
     (out / "cells_boxes.json").write_text(json.dumps({"boxes": boxes.tolist()}))
-    print(f"demo: synthetic image and boxes in {inputs}; synthetic checkpoint seed {args.synthetic_seed}",
-          file=sys.stderr)
-    run_args = build_parser().parse_args([
-        "run", str(inputs), "--out", str(out / "labels"), "--synthetic-seed", str(args.synthetic_seed),
-        "--boxes", str(out / "cells_boxes.json"), "--overwrite", "--table", "csv", "--geojson",
-        "--threads", str(args.threads)])
+    print(
+        f"demo: synthetic image and boxes in {inputs}; synthetic checkpoint seed {args.synthetic_seed}", file=sys.stderr
+    )
+    run_args = build_parser().parse_args(
+        [
+            "run",
+            str(inputs),
+            "--out",
+            str(out / "labels"),
+            "--synthetic-seed",
+            str(args.synthetic_seed),
+            "--boxes",
+            str(out / "cells_boxes.json"),
+            "--overwrite",
+            "--table",
+            "csv",
+            "--geojson",
+            "--threads",
+            str(args.threads),
+        ]
+    )
     rc = cmd_run(run_args)
-    print(f"demo: label images and run_summary.json are in {out / 'labels'} "
-          "(a synthetic checkpoint makes arithmetically exact but biologically meaningless masks)", file=sys.stderr)
+    print(
+        f"demo: label images and run_summary.json are in {out / 'labels'} "
+        "(a synthetic checkpoint makes arithmetically exact but biologically meaningless masks)",
+        file=sys.stderr,
+    )
     return rc
 
 
@@ -391,18 +470,31 @@ def cmd_bench(args) -> int:
     many = time.perf_counter() - t0
     failed = [str(r.error) for r in results if not r.ok]
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": _machine(), "versions": _versions(), **model_info,
-        "settings": {"images": args.images, "size": [h, w], "prompts": "automatic" if args.automatic else "boxes",
-                     "cells_per_image": args.cells, "threads": args.threads},
-        "seconds_per_image": per_image, "cells": cells,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(),
+        "versions": _versions(),
+        **model_info,
+        "settings": {
+            "images": args.images,
+            "size": [h, w],
+            "prompts": "automatic" if args.automatic else "boxes",
+            "cells_per_image": args.cells,
+            "threads": args.threads,
+        },
+        "seconds_per_image": per_image,
+        "cells": cells,
         "images_per_s_sequential": len(per_image) / sum(per_image),
-        "images_per_s_segment_many": len(data) / many, "failed": failed,
+        "images_per_s_segment_many": len(data) / many,
+        "failed": failed,
     }
     text = json.dumps(report, indent=2)
     if args.out:
         cio.write_json(report, args.out)
-        print(f"bench: {report['images_per_s_sequential']:.3f} images/s one at a time, "
-              f"{report['images_per_s_segment_many']:.3f} pipelined; {args.out}", file=sys.stderr)
+        print(
+            f"bench: {report['images_per_s_sequential']:.3f} images/s one at a time, "
+            f"{report['images_per_s_segment_many']:.3f} pipelined; {args.out}",
+            file=sys.stderr,
+        )
     else:
         print(text)
     return 1 if failed else 0
@@ -411,8 +503,11 @@ def cmd_bench(args) -> int:
 def _machine() -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count()}
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return info
@@ -448,21 +543,51 @@ def _add_threshold_options(p: argparse.ArgumentParser) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", type=Path, help="export directory (cellsam-trt export), TensorRT engine directory "
-                   "(cellsam-trt build) or checkpoint file")
+    g.add_argument(
+        "--model",
+        type=Path,
+        help="export directory (cellsam-trt export), TensorRT engine directory (cellsam-trt build) or checkpoint file",
+    )
     g.add_argument("--checkpoint", type=Path, help="CellSAM (or plain SAM) checkpoint file, loaded weights-only")
-    g.add_argument("--synthetic-seed", type=int, default=None,
-                   help="the synthetic test checkpoint of this seed (random weights: for tests and demos)")
-    p.add_argument("--backend", choices=("auto", "ort", "trt", "torch"), default="auto",
-                   help="auto: engines -> trt; a checkpoint on CUDA -> torch; else ort")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
-                   help="fp32 (default; an engine directory: its build precision); fp16 / bf16: torch or trt; "
-                   "int8: ort (export --int8) or trt")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: CUDA for a checkpoint where "
-                   "PyTorch sees one, the GPU for engines, else the CPU)")
-    p.add_argument("--export-cache", type=Path, default=None,
-                   help="where a checkpoint's export for ONNX Runtime is kept (default ~/.cache/cellsam-trt/exports)")
+    g.add_argument(
+        "--synthetic-seed",
+        type=int,
+        default=None,
+        help="the synthetic test checkpoint of this seed (random weights: for tests and demos)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "ort", "trt", "torch"),
+        default="auto",
+        help="auto: engines -> trt; a checkpoint on CUDA -> torch; else ort",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "bf16", "int8"),
+        default=None,
+        help="fp32 (default; an engine directory: its build precision); fp16 / bf16: torch or trt; "
+        "int8: ort (export --int8) or trt",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (auto: CUDA for a checkpoint where "
+        "PyTorch sees one, the GPU for engines, else the CPU)",
+    )
+    p.add_argument(
+        "--export-cache",
+        type=Path,
+        default=None,
+        help="where a checkpoint's export for ONNX Runtime is kept (default ~/.cache/cellsam-trt/exports)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,30 +606,67 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wholecell-channel", type=int, default=None, help="index of the whole-cell channel")
     run.add_argument("--table", choices=("csv", "parquet"), help="also write a per-cell table")
     run.add_argument("--geojson", action="store_true", help="also write QuPath-compatible GeoJSON polygons")
-    run.add_argument("--points", help='JSON {"points": [[[x, y], ...], ...], "point_labels": [[1, ...], ...]}: '
-                     "one prompt of P points per row, original (slide) pixels; labels 1 cell, 0 background")
-    run.add_argument("--batch-size", type=int, default=2,
-                     help="images in flight: read and preprocessed ahead, post-processed behind inference (2)")
+    run.add_argument(
+        "--points",
+        help='JSON {"points": [[[x, y], ...], ...], "point_labels": [[1, ...], ...]}: '
+        "one prompt of P points per row, original (slide) pixels; labels 1 cell, 0 background",
+    )
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="images in flight: read and preprocessed ahead, post-processed behind inference (2)",
+    )
     run.add_argument("--workers", type=int, default=1, help="threads reading and preprocessing images (1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=None,
+        help="whole-image mode: refuse images with more pixels, from their header, before decoding "
+        "(default: this machine's memory / 256, cellsam_trt.io.default_max_pixels); tiled mode "
+        "(--tile-size) reads lazily and has no such limit",
+    )
     slide = run.add_argument_group("large images and slides (tiled mode: any of --tile-size, --dask, --dask-local)")
-    slide.add_argument("--tile-size", type=int, default=0,
-                       help="segment in overlapping tiles of this many model-frame pixels (1024: native resolution)")
-    slide.add_argument("--overlap", type=int, default=128,
-                       help="tile overlap in model-frame pixels; cells up to this diameter stay whole (128)")
-    slide.add_argument("--scale", type=float, default=1.0,
-                       help="model-frame pixels per slide pixel (> 1 enlarges small cells)")
+    slide.add_argument(
+        "--tile-size",
+        type=int,
+        default=0,
+        help="segment in overlapping tiles of this many model-frame pixels (1024: native resolution)",
+    )
+    slide.add_argument(
+        "--overlap",
+        type=int,
+        default=128,
+        help="tile overlap in model-frame pixels; cells up to this diameter stay whole (128)",
+    )
+    slide.add_argument(
+        "--scale", type=float, default=1.0, help="model-frame pixels per slide pixel (> 1 enlarges small cells)"
+    )
     slide.add_argument("--pixel-size", type=float, default=None, help="slide pixel size in um (default: from the file)")
-    slide.add_argument("--target-pixel-size", type=float, default=None,
-                       help="resample to this pixel size in um (sets --scale from the pixel size)")
+    slide.add_argument(
+        "--target-pixel-size",
+        type=float,
+        default=None,
+        help="resample to this pixel size in um (sets --scale from the pixel size)",
+    )
     slide.add_argument("--level", type=int, default=0, help="pyramid level to segment (0 = full resolution)")
-    slide.add_argument("--slide-format", choices=("ome-zarr", "bigtiff"), default="ome-zarr",
-                       help="label store: <stem>_labels.ome.zarr (OME-NGFF) or <stem>_labels.ome.tif (tiled BigTIFF)")
+    slide.add_argument(
+        "--slide-format",
+        choices=("ome-zarr", "bigtiff"),
+        default="ome-zarr",
+        help="label store: <stem>_labels.ome.zarr (OME-NGFF) or <stem>_labels.ome.tif (tiled BigTIFF)",
+    )
     slide.add_argument("--chunk", type=int, default=1024, help="output chunk / TIFF tile side in pixels (1024)")
     slide.add_argument("--levels", type=int, default=1, help="pyramid levels of an OME-Zarr label store (1)")
     slide.add_argument("--dask", metavar="ADDRESS", help="run the tiles on this Dask scheduler (shared filesystem)")
-    slide.add_argument("--dask-local", metavar="N", type=int, default=0,
-                       help="run the tiles on a local Dask cluster of N worker processes")
+    slide.add_argument(
+        "--dask-local",
+        metavar="N",
+        type=int,
+        default=0,
+        help="run the tiles on a local Dask cluster of N worker processes",
+    )
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="synthetic cells + synthetic checkpoint, end to end on the CPU")

@@ -107,8 +107,14 @@ class GpuScheduler:
 
     STAGES = ("prepare", "front", "back", "post")
 
-    def __init__(self, backend: Backend, settings: P.SegmentSettings, queue_size: int = 2,
-                 post_device: str | None = None, keep_logits: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: P.SegmentSettings,
+        queue_size: int = 2,
+        post_device: str | None = None,
+        keep_logits: bool = False,
+    ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
         self.backend, self.settings, self.queue_size = backend, settings, queue_size
@@ -123,8 +129,13 @@ class GpuScheduler:
         self.keep_logits = keep_logits
 
     # -- public --------------------------------------------------------------------------------
-    def run(self, sources: Iterable, prompts=None, settings: P.SegmentSettings | None = None,
-            max_in_flight: int | None = None) -> Iterator[ItemResult]:
+    def run(
+        self,
+        sources: Iterable,
+        prompts=None,
+        settings: P.SegmentSettings | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[ItemResult]:
         """One ``ItemResult`` per source, in input order (sources and prompts as
         ``scheduler.CpuScheduler.run``; ``max_in_flight`` is the stages' ``queue_size`` here).
         Closing the iterator early stops the worker threads."""
@@ -142,11 +153,18 @@ class GpuScheduler:
                     break
                 yield _Item(i, src, next(prompt_it), time.perf_counter())
 
-        stages = [("prepare", feed(), q_pre, False), ("front", q_pre, q_front, True),
-                  ("back", q_front, q_back, True), ("post", q_back, q_out, False)]
-        threads = [threading.Thread(target=self._worker, name=f"cellsam-{name}", daemon=True,
-                                    args=(name, src, sink, stop, dev, settings))
-                   for name, src, sink, dev in stages]
+        stages = [
+            ("prepare", feed(), q_pre, False),
+            ("front", q_pre, q_front, True),
+            ("back", q_front, q_back, True),
+            ("post", q_back, q_out, False),
+        ]
+        threads = [
+            threading.Thread(
+                target=self._worker, name=f"cellsam-{name}", daemon=True, args=(name, src, sink, stop, dev, settings)
+            )
+            for name, src, sink, dev in stages
+        ]
         for t in threads:
             t.start()
         pending: dict[int, ItemResult] = {}
@@ -158,8 +176,14 @@ class GpuScheduler:
                     break
                 if item.index < 0:  # the source iterator itself failed
                     raise item.error
-                pending[item.index] = ItemResult(item.index, item.source, item.state.get("result"), item.error,
-                                                 time.perf_counter() - item.t0, item.timings)
+                pending[item.index] = ItemResult(
+                    item.index,
+                    item.source,
+                    item.state.get("result"),
+                    item.error,
+                    time.perf_counter() - item.t0,
+                    item.timings,
+                )
                 while nxt in pending:
                     yield pending.pop(nxt)
                     nxt += 1
@@ -180,8 +204,15 @@ class GpuScheduler:
             return torch.cuda.stream(torch.cuda.Stream(dev))
         return nullcontext()
 
-    def _worker(self, stage: str, source, sink: queue.Queue, stop: threading.Event, device_stage: bool,
-                settings: P.SegmentSettings) -> None:
+    def _worker(
+        self,
+        stage: str,
+        source,
+        sink: queue.Queue,
+        stop: threading.Event,
+        device_stage: bool,
+        settings: P.SegmentSettings,
+    ) -> None:
         fn = getattr(self, f"_{stage}")
         try:
             with self._stream_context(device_stage):
@@ -251,8 +282,16 @@ class GpuScheduler:
 
     def _post(self, item: _Item, settings: P.SegmentSettings) -> None:
         st = item.state
-        st["result"] = P.finish(st["prepared"], st["prompt_set"], st["keep"], st["iou"], st["labels_raw"], settings,
-                                lowres=st.get("lowres"), keep_logits=self.keep_logits)
+        st["result"] = P.finish(
+            st["prepared"],
+            st["prompt_set"],
+            st["keep"],
+            st["iou"],
+            st["labels_raw"],
+            settings,
+            lowres=st.get("lowres"),
+            keep_logits=self.keep_logits,
+        )
         for k in ("prepared", "labels_raw", "lowres"):
             st.pop(k, None)
 

@@ -59,10 +59,15 @@ def implementation() -> ModuleType:
             from . import _native as impl
         except ImportError as e:
             impl = _postprocess_numpy
-            warnings.warn(FALLBACK_WARNING.format(why=f" ({type(e).__name__}: {e})",
-                                                  assemble=FALLBACK_SLOWDOWN["assemble_labels"],
-                                                  fill=FALLBACK_SLOWDOWN["fill_holes_and_remove_small_masks"]),
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                FALLBACK_WARNING.format(
+                    why=f" ({type(e).__name__}: {e})",
+                    assemble=FALLBACK_SLOWDOWN["assemble_labels"],
+                    fill=FALLBACK_SLOWDOWN["fill_holes_and_remove_small_masks"],
+                ),
+                RuntimeWarning,
+                stacklevel=3,
+            )
         _impl = impl
     return _impl
 
@@ -88,8 +93,9 @@ def fill_holes_and_remove_small_masks(labels: np.ndarray, min_size: int = 25) ->
     return impl.fill_holes_and_remove_small_masks(np.ascontiguousarray(labels, dtype=np.int32), int(min_size))
 
 
-def fill_holes_and_remove_small_masks_with_sources(labels: np.ndarray, min_size: int = 25
-                                                   ) -> tuple[np.ndarray, np.ndarray]:
+def fill_holes_and_remove_small_masks_with_sources(
+    labels: np.ndarray, min_size: int = 25
+) -> tuple[np.ndarray, np.ndarray]:
     """``fill_holes_and_remove_small_masks``, also returning where each final label came from.
 
     Returns (final int32 (H, W), sources int64 (K,)): K is the number of final labels the loop
@@ -100,13 +106,15 @@ def fill_holes_and_remove_small_masks_with_sources(labels: np.ndarray, min_size:
     (covered by a later label's hole filling).
     """
     impl = implementation()
-    return impl.fill_holes_and_remove_small_masks_with_sources(np.ascontiguousarray(labels, dtype=np.int32),
-                                                               int(min_size))
+    return impl.fill_holes_and_remove_small_masks_with_sources(
+        np.ascontiguousarray(labels, dtype=np.int32), int(min_size)
+    )
 
 
 def link_labels_by_iou(a: np.ndarray, b: np.ndarray, min_iou: float) -> np.ndarray:
     """Two label maps (H, W) of the same region -> int64 (M, 2) matched (label_a, label_b) pairs:
     IoU inside the region >= min_iou, one-to-one, greedy by descending IoU, ties by labels."""
     impl = implementation()
-    return impl.link_labels_by_iou(np.ascontiguousarray(a, dtype=np.int32), np.ascontiguousarray(b, dtype=np.int32),
-                                   float(min_iou))
+    return impl.link_labels_by_iou(
+        np.ascontiguousarray(a, dtype=np.int32), np.ascontiguousarray(b, dtype=np.int32), float(min_iou)
+    )

@@ -39,9 +39,14 @@ class InstanceMatch:
         return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return {"n_reference": self.n_reference, "n_test": self.n_test, "mean_iou": self.mean_iou,
-                "frac_matched_50": self.frac_matched_50, "precision_50": self.precision_50,
-                "pixel_agreement": self.pixel_agreement}
+        return {
+            "n_reference": self.n_reference,
+            "n_test": self.n_test,
+            "mean_iou": self.mean_iou,
+            "frac_matched_50": self.frac_matched_50,
+            "precision_50": self.precision_50,
+            "pixel_agreement": self.pixel_agreement,
+        }
 
 
 def iou_matrix(reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,8 +89,9 @@ def drop_small(labels: np.ndarray, min_area: int) -> np.ndarray:
     return np.where(np.isin(lab, small), 0, lab)
 
 
-def match_instances(reference: np.ndarray, test: np.ndarray, threshold: float = 0.5,
-                    min_area: int = 0) -> InstanceMatch:
+def match_instances(
+    reference: np.ndarray, test: np.ndarray, threshold: float = 0.5, min_area: int = 0
+) -> InstanceMatch:
     """One-to-one matching of the instances of two label maps by IoU (see the module doc).
 
     min_area: instances of fewer pixels are ignored in both maps (fragments whose IoU is
@@ -106,8 +112,13 @@ def match_instances(reference: np.ndarray, test: np.ndarray, threshold: float = 
     ious = iou[rows, cols]
     n50 = int((ious >= threshold).sum())
     return InstanceMatch(
-        n_reference=r, n_test=t, mean_iou=float(ious.sum() / r), frac_matched_50=n50 / r,
-        precision_50=n50 / t, pixel_agreement=pixel, matched_ious=ious,
+        n_reference=r,
+        n_test=t,
+        mean_iou=float(ious.sum() / r),
+        frac_matched_50=n50 / r,
+        precision_50=n50 / t,
+        pixel_agreement=pixel,
+        matched_ious=ious,
         pairs=np.stack([la[rows], lb[cols]], axis=1).astype(np.int64),
     )
 
@@ -175,6 +186,10 @@ class StreamedInstanceMatch:
         vals = np.array([best.get(int(i), 0.0) for i in ids])
         n = len(ids) + missing  # reference ids absent from every block count as unmatched
         split = int((pieces[np.searchsorted(rid, ids)] >= 2).sum()) if len(ids) else 0
-        return {"n_reference": int(n), "mean_iou": float(vals.sum() / n) if n else 1.0,
-                "frac_matched_50": float((vals >= threshold).sum() / n) if n else 1.0,
-                "split": split, "n_test_total": int(len(tid))}
+        return {
+            "n_reference": int(n),
+            "mean_iou": float(vals.sum() / n) if n else 1.0,
+            "frac_matched_50": float((vals >= threshold).sum() / n) if n else 1.0,
+            "split": split,
+            "n_test_total": int(len(tid)),
+        }

@@ -22,8 +22,18 @@ from .labels import fill_holes_and_remove_small_masks_with_sources
 if TYPE_CHECKING:
     from .pipeline import Segmentation
 
-TABLE_COLUMNS = ("label", "bbox_min_row", "bbox_min_col", "bbox_max_row", "bbox_max_col", "area",
-                 "centroid_row", "centroid_col", "detection_score", "iou_prediction")
+TABLE_COLUMNS = (
+    "label",
+    "bbox_min_row",
+    "bbox_min_col",
+    "bbox_max_row",
+    "bbox_max_col",
+    "area",
+    "centroid_row",
+    "centroid_col",
+    "detection_score",
+    "iou_prediction",
+)
 
 
 def _field(seg, name: str):
@@ -55,8 +65,10 @@ def cell_table(seg: Segmentation, min_size: int = 25) -> dict[str, np.ndarray]:
     slices = ndimage.find_objects(labels)
     area = ndimage.sum_labels(np.ones_like(labels), labels, idx) if len(idx) else np.zeros(0)
     cent = np.array(ndimage.center_of_mass(np.ones_like(labels), labels, idx)).reshape(-1, 2)
-    bbox = np.array([[slices[i - 1][0].start, slices[i - 1][1].start, slices[i - 1][0].stop, slices[i - 1][1].stop]
-                     for i in idx], dtype=np.int64).reshape(-1, 4)
+    bbox = np.array(
+        [[slices[i - 1][0].start, slices[i - 1][1].start, slices[i - 1][0].stop, slices[i - 1][1].stop] for i in idx],
+        dtype=np.int64,
+    ).reshape(-1, 4)
     sources = _field(seg, "label_sources")
     if sources is None:
         raw = _field(seg, "labels_raw")
@@ -79,10 +91,15 @@ def cell_table(seg: Segmentation, min_size: int = 25) -> dict[str, np.ndarray]:
 
     return {
         "label": idx.astype(np.int64),
-        "bbox_min_row": bbox[:, 0], "bbox_min_col": bbox[:, 1], "bbox_max_row": bbox[:, 2], "bbox_max_col": bbox[:, 3],
+        "bbox_min_row": bbox[:, 0],
+        "bbox_min_col": bbox[:, 1],
+        "bbox_max_row": bbox[:, 2],
+        "bbox_max_col": bbox[:, 3],
         "area": np.asarray(area, np.int64),
-        "centroid_row": cent[:, 0], "centroid_col": cent[:, 1],
-        "detection_score": per_cell(seg.scores), "iou_prediction": per_cell(seg.iou_predictions),
+        "centroid_row": cent[:, 0],
+        "centroid_col": cent[:, 1],
+        "detection_score": per_cell(seg.scores),
+        "iou_prediction": per_cell(seg.iou_predictions),
     }
 
 
@@ -139,10 +156,12 @@ def write_geojson(labels: np.ndarray, dest: str | os.PathLike, table: dict[str, 
         props = {"objectType": "detection", "classification": {"name": "Cell"}, "label": label}
         if label in rows:
             k = rows[label]
-            props["measurements"] = {c: float(table[c][k]) for c in ("area", "detection_score", "iou_prediction")
-                                     if np.isfinite(table[c][k])}
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": props})
+            props["measurements"] = {
+                c: float(table[c][k]) for c in ("area", "detection_score", "iou_prediction") if np.isfinite(table[c][k])
+            }
+        features.append(
+            {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+        )
     with atomic_path(dest) as tmp:
         Path(tmp).write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return Path(dest)

@@ -13,6 +13,7 @@ backend works in the 1024 x 1024 model frame (the image squashed to 1024 x 1024)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -21,6 +22,8 @@ from . import labels as label_ops
 from . import preprocess as pre
 from . import prompts as prompt_ops
 from .engine.base import Backend
+
+ASSEMBLY_CHUNK = 64  # prompts decoded and assembled at a time: (64, 256, 256) float32 logits, 16 MiB
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,14 @@ class Details:
     labels_raw: (H, W) int32 label map before hole filling / small-object removal (label k =
       k-th kept mask, 1-based).
     label_sources: (K,) int64, for each final label 1..K the raw label it came from.
-    prompt_index: (M,) int64 index of each kept mask in the prompt list.
+    prompt_index: (M,) int64 position of each kept mask's prompt in the user's prompt list.
     threshold: the dynamic CellFinder threshold (automatic mode), else None.
     prompts_1024: (N, 4) float32 box prompts in the model frame (None for point prompts).
     all_iou_predictions: (N,) float32 IoU predictions of every prompt, kept or not.
     embedding: (1, 256, 64, 64) float32, when asked for.
     lowres_logits: (N, 256, 256) float32 of every prompt, when asked for (``keep_logits``).
     detections: raw CellFinder outputs (pred_logits, pred_boxes), when asked for.
+    dropped_prompts: (D,) int64 positions of the user's prompts dropped as outside the image.
     """
 
     labels_raw: np.ndarray
@@ -97,6 +101,7 @@ class Details:
     embedding: np.ndarray | None = field(default=None, repr=False)
     lowres_logits: np.ndarray | None = field(default=None, repr=False)
     detections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    dropped_prompts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -146,6 +151,12 @@ class PromptSet:
     scores: np.ndarray | None = None
     threshold: float | None = None
     detections: tuple[np.ndarray, np.ndarray] | None = None
+    index: np.ndarray | None = None  # (N,) int64: each prompt's position in the user's list (None: 0..N-1)
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # user prompts dropped
+
+    def positions(self, keep: np.ndarray) -> np.ndarray:
+        """Indices ``keep`` into this set -> positions in the user's prompt list."""
+        return keep if self.index is None else self.index[keep]
 
     @property
     def n(self) -> int:
@@ -156,13 +167,36 @@ class PromptSet:
 
 
 def validate_image(image: np.ndarray) -> np.ndarray:
-    """Reject what cannot be segmented, with the problem named (ValueError)."""
+    """Reject what cannot be segmented, with the problem named (ValueError), before any cast.
+
+    dtype: bool, integers and float16/32/64 (``preprocess.unsupported_dtype``: complex, object,
+    strings, datetime ... are refused by name). Shape, as given (nothing squeezed): (H, W) or 3-D
+    with channels, every image side at least ``preprocess.MIN_IMAGE_SIDE`` pixels (the channel
+    axis of a 3-D image is checked by ``preprocess.to_three_channels``). Values: finite.
+    """
     image = np.asarray(image)
-    if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-        raise ValueError(f"image has unsupported dtype {image.dtype}")
+    why = pre.unsupported_dtype(image.dtype)
+    if why is not None:
+        raise ValueError(f"image has {why}")
     if image.size == 0:
         raise ValueError(f"image is empty (shape {image.shape})")
-    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+    if image.ndim not in (2, 3):
+        hint = "; np.squeeze drops its axes of length 1" if image.ndim > 3 and 1 in image.shape else ""
+        raise ValueError(
+            f"expected a 2-D image (H, W) or a 3-D image with channels ((H, W, C) or (C, H, W)), got "
+            f"{image.ndim}-D shape {image.shape}{hint}"
+        )
+    sides = image.shape if image.ndim == 2 else sorted(image.shape)[1:]  # the channel axis is at most the smallest
+    if min(sides) < pre.MIN_IMAGE_SIDE:
+        size = (
+            f"{image.shape[0]} x {image.shape[1]} pixels"
+            if image.ndim == 2
+            else f"of shape {image.shape}, a side of {min(sides)} pixel"
+        )
+        raise ValueError(
+            f"the image is {size}; the minimum image size is {pre.MIN_IMAGE_SIDE} x {pre.MIN_IMAGE_SIDE} pixels"
+        )
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError("image contains NaN or infinite values")
     return image
 
@@ -186,10 +220,15 @@ def detect(backend: Backend, squashed: np.ndarray, settings: SegmentSettings) ->
     return PromptSet(boxes=kept_boxes, scores=kept_scores, threshold=threshold, detections=(logits, boxes))
 
 
-def find_prompts(backend: Backend, prepared: Prepared, prompts: Prompts | None,
-                 settings: SegmentSettings) -> PromptSet | None:
-    """The image's prompts in the model frame: the user's (scaled), or CellFinder's in automatic
-    mode. None in automatic mode on a blank image (nothing to detect)."""
+def find_prompts(
+    backend: Backend, prepared: Prepared, prompts: Prompts | None, settings: SegmentSettings
+) -> PromptSet | None:
+    """The image's prompts in the model frame: the user's, or CellFinder's in automatic mode.
+    None in automatic mode on a blank image (nothing to detect).
+
+    The user's prompts are fitted to the image first (``fit_prompts``): box corners ordered,
+    boxes and points clipped to the image, prompts whose box has no area inside it dropped
+    (``PromptSet.dropped``, with a ``PromptWarning``)."""
     p = prompts or Prompts()
     h, w = prepared.height, prepared.width
     if p.automatic:
@@ -198,14 +237,21 @@ def find_prompts(backend: Backend, prepared: Prepared, prompts: Prompts | None,
         if not np.any(prepared.squashed):
             return None
         return detect(backend, prepared.squashed, settings)
-    out = PromptSet()
-    if p.boxes is not None:
-        out.boxes = prompt_ops.scale_boxes_to_model(box_prompts(p.boxes), h, w)
-    if p.points is not None:
-        pts, lab = point_prompts(p.points, p.point_labels)
+    boxes, pts, lab, index, dropped = fit_prompts(p, h, w)
+    out = PromptSet(index=index, dropped=dropped)
+    if boxes is not None:
+        out.boxes = prompt_ops.scale_boxes_to_model(boxes, h, w)
+    if pts is not None:
         out.points, out.point_labels = prompt_ops.scale_points_to_model(pts, h, w), lab
-        if out.boxes is not None and len(out.boxes) != len(pts):
-            raise ValueError(f"{len(out.boxes)} boxes but {len(pts)} point prompts")
+    if len(dropped):
+        warnings.warn(
+            PromptWarning(
+                f"{len(dropped)} of {len(dropped) + out.n} prompts lie outside the "
+                f"{h} x {w} image and were dropped (prompts {dropped[:10].tolist()}"
+                f"{' ...' if len(dropped) > 10 else ''})"
+            ),
+            stacklevel=2,
+        )
     return out
 
 
@@ -226,6 +272,50 @@ def decode(backend: Backend, embedding, ps: PromptSet) -> tuple[np.ndarray, np.n
     return backend.decode(embedding, boxes=ps.boxes, points=ps.points, point_labels=ps.point_labels)
 
 
+def decode_and_assemble(
+    backend: Backend,
+    embedding,
+    ps: PromptSet,
+    prepared: Prepared,
+    settings: SegmentSettings,
+    chunk: int = ASSEMBLY_CHUNK,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``decode``, ``kept`` and ``assemble`` streamed over chunks of at most ``chunk`` prompts, so
+    that memory does not grow with the number of prompts: each chunk's kept masks are assembled
+    and pasted over the label map so far (a later mask wins, as in one ``assemble`` of all).
+    -> (kept indices (M,) int64, IoU predictions (N,) float32, raw label map (H, W) int32)."""
+    labels_raw = np.zeros((prepared.height, prepared.width), np.int32)
+    ious, keeps = [], []
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    done = offset = 0
+
+    def flush() -> None:
+        nonlocal done, offset
+        lowres = np.concatenate([p[0] for p in pending])
+        iou = np.concatenate([p[1] for p in pending])
+        pending.clear()
+        keep = kept(iou, settings)
+        if len(keep):
+            part = assemble(lowres[keep], prepared)
+            np.copyto(labels_raw, part + np.int32(offset), where=part > 0)
+        ious.append(iou)
+        keeps.append(keep + done)
+        done += len(iou)
+        offset += len(keep)
+
+    for lowres, iou in backend.decode_chunks(embedding, boxes=ps.boxes, points=ps.points, point_labels=ps.point_labels):
+        pending.append((lowres, iou))
+        if sum(len(p[1]) for p in pending) >= chunk:
+            flush()
+    if pending:
+        flush()
+    return (
+        np.concatenate(keeps) if keeps else np.zeros(0, np.int64),
+        np.concatenate(ious) if ious else np.zeros(0, np.float32),
+        labels_raw,
+    )
+
+
 def kept(iou: np.ndarray, settings: SegmentSettings) -> np.ndarray:
     """(N,) IoU predictions -> int64 indices of the masks kept (IoU >= iou_threshold)."""
     return np.flatnonzero(np.asarray(iou) >= settings.iou_threshold).astype(np.int64)
@@ -236,21 +326,41 @@ def assemble(lowres_kept: np.ndarray, prepared: Prepared) -> np.ndarray:
     return label_ops.assemble_labels(lowres_kept, prepared.height, prepared.width)
 
 
-def finish(prepared: Prepared, ps: PromptSet, keep: np.ndarray, iou: np.ndarray, labels_raw: np.ndarray,
-           settings: SegmentSettings, embedding=None, lowres=None, keep_logits: bool = False) -> Segmentation:
+def finish(
+    prepared: Prepared,
+    ps: PromptSet,
+    keep: np.ndarray,
+    iou: np.ndarray,
+    labels_raw: np.ndarray,
+    settings: SegmentSettings,
+    embedding=None,
+    lowres=None,
+    keep_logits: bool = False,
+) -> Segmentation:
     """Hole filling and small-object removal, kept boxes back in original pixels -> result."""
     final, sources = label_ops.fill_holes_and_remove_small_masks_with_sources(labels_raw, settings.min_size)
     h, w = prepared.height, prepared.width
     return Segmentation(
         labels=final,
-        boxes=(prompt_ops.scale_boxes_to_image(ps.boxes[keep], h, w) if ps.boxes is not None
-               else np.zeros((0, 4), np.float32)),
+        boxes=(
+            prompt_ops.scale_boxes_to_image(ps.boxes[keep], h, w)
+            if ps.boxes is not None
+            else np.zeros((0, 4), np.float32)
+        ),
         scores=None if ps.scores is None else ps.scores[keep],
         iou_predictions=np.asarray(iou)[keep],
-        details=Details(labels_raw=labels_raw, label_sources=sources, prompt_index=keep, threshold=ps.threshold,
-                        prompts_1024=ps.boxes, all_iou_predictions=np.asarray(iou), embedding=embedding,
-                        lowres_logits=lowres if keep_logits else None,
-                        detections=ps.detections if keep_logits else None),
+        details=Details(
+            labels_raw=labels_raw,
+            label_sources=sources,
+            prompt_index=ps.positions(keep),
+            threshold=ps.threshold,
+            dropped_prompts=ps.dropped,
+            prompts_1024=ps.boxes,
+            all_iou_predictions=np.asarray(iou),
+            embedding=embedding,
+            lowres_logits=lowres if keep_logits else None,
+            detections=ps.detections if keep_logits else None,
+        ),
     )
 
 
@@ -259,15 +369,32 @@ def empty(prepared: Prepared, ps: PromptSet | None = None, embedding=None, keep_
     h, w = prepared.height, prepared.width
     z = np.zeros((h, w), dtype=np.int32)
     return Segmentation(
-        labels=z, boxes=np.zeros((0, 4), np.float32), scores=None, iou_predictions=np.zeros(0, np.float32),
-        details=Details(labels_raw=z.copy(), label_sources=np.zeros(0, np.int64), prompt_index=np.zeros(0, np.int64),
-                        threshold=None if ps is None else ps.threshold, prompts_1024=None if ps is None else ps.boxes,
-                        embedding=embedding, detections=ps.detections if ps is not None and keep_logits else None),
+        labels=z,
+        boxes=np.zeros((0, 4), np.float32),
+        scores=None,
+        iou_predictions=np.zeros(0, np.float32),
+        details=Details(
+            labels_raw=z.copy(),
+            label_sources=np.zeros(0, np.int64),
+            prompt_index=np.zeros(0, np.int64),
+            threshold=None if ps is None else ps.threshold,
+            prompts_1024=None if ps is None else ps.boxes,
+            dropped_prompts=np.zeros(0, np.int64) if ps is None else ps.dropped,
+            embedding=embedding,
+            detections=ps.detections if ps is not None and keep_logits else None,
+        ),
     )
 
 
-def segment_prepared(backend: Backend, prepared: Prepared, prompts: Prompts | None, settings: SegmentSettings,
-                     embedding=None, return_embedding: bool = False, keep_logits: bool = False) -> Segmentation:
+def segment_prepared(
+    backend: Backend,
+    prepared: Prepared,
+    prompts: Prompts | None,
+    settings: SegmentSettings,
+    embedding=None,
+    return_embedding: bool = False,
+    keep_logits: bool = False,
+) -> Segmentation:
     """The stages after ``prepare``, in sequence (``embedding``: reuse one already computed)."""
     ps = find_prompts(backend, prepared, prompts, settings)
     if ps is None:
@@ -277,19 +404,28 @@ def segment_prepared(backend: Backend, prepared: Prepared, prompts: Prompts | No
     emb_out = embedding if return_embedding else None
     if ps.n == 0 or embedding is None:
         return empty(prepared, ps, emb_out, keep_logits)
-    lowres, iou = decode(backend, embedding, ps)
-    keep = kept(iou, settings)
-    labels_raw = assemble(lowres[keep], prepared)
-    return finish(prepared, ps, keep, iou, labels_raw, settings, emb_out, lowres, keep_logits)
+    if keep_logits:  # every prompt's logits are kept: decode at once
+        lowres, iou = decode(backend, embedding, ps)
+        keep = kept(iou, settings)
+        labels_raw = assemble(lowres[keep], prepared)
+        return finish(prepared, ps, keep, iou, labels_raw, settings, emb_out, lowres, keep_logits)
+    keep, iou, labels_raw = decode_and_assemble(backend, embedding, ps, prepared, settings)
+    return finish(prepared, ps, keep, iou, labels_raw, settings, emb_out)
 
 
-def segment(backend: Backend, image: np.ndarray, prompts: Prompts | None = None,
-            settings: SegmentSettings | None = None, return_embedding: bool = False,
-            keep_logits: bool = False) -> Segmentation:
+def segment(
+    backend: Backend,
+    image: np.ndarray,
+    prompts: Prompts | None = None,
+    settings: SegmentSettings | None = None,
+    return_embedding: bool = False,
+    keep_logits: bool = False,
+) -> Segmentation:
     """Segment one image with ``backend`` (every stage in sequence); see ``Prompts``."""
     settings = settings or SegmentSettings()
-    return segment_prepared(backend, prepare(image, settings), prompts, settings,
-                            return_embedding=return_embedding, keep_logits=keep_logits)
+    return segment_prepared(
+        backend, prepare(image, settings), prompts, settings, return_embedding=return_embedding, keep_logits=keep_logits
+    )
 
 
 def with_channels(settings: SegmentSettings, channels: Channels | None) -> SegmentSettings:
@@ -298,6 +434,42 @@ def with_channels(settings: SegmentSettings, channels: Channels | None) -> Segme
 
 
 # --------------------------------------------------------------------------- prompt checks
+
+
+class PromptWarning(UserWarning):
+    """Prompts dropped because they lie outside the image."""
+
+
+def fit_prompts(prompts: Prompts, height: int, width: int):
+    """The user's prompts checked and fitted to a ``height`` x ``width`` image (original pixels).
+
+    Box corners are ordered (x1 <= x2, y1 <= y2), boxes clipped to [0, width] x [0, height],
+    points clipped to [0, width - 1] x [0, height - 1]; a prompt whose box has no area inside
+    the image is dropped. -> (boxes (M, 4) float32 or None, points (M, P, 2) float32 or None,
+    point labels (M, P) int64 or None, index (M,) int64 of the kept prompts in the user's list
+    (None when none was dropped), dropped (D,) int64).
+    """
+    boxes = pts = lab = None
+    if prompts.boxes is not None:
+        b = box_prompts(prompts.boxes)
+        boxes = np.concatenate([np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])], axis=1)
+        boxes = np.clip(boxes, 0, np.array([width, height, width, height], np.float32)).astype(np.float32)
+    if prompts.points is not None:
+        pts, lab = point_prompts(prompts.points, prompts.point_labels)
+        pts = np.clip(pts, 0, np.array([width - 1, height - 1], np.float32)).astype(np.float32)
+        if boxes is not None and len(boxes) != len(pts):
+            raise ValueError(f"{len(boxes)} boxes but {len(pts)} point prompts")
+    dropped = np.zeros(0, np.int64)
+    index = None
+    if boxes is not None:
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not inside.all():
+            dropped = np.flatnonzero(~inside).astype(np.int64)
+            index = np.flatnonzero(inside).astype(np.int64)
+            boxes = boxes[inside]
+            if pts is not None:
+                pts, lab = pts[inside], lab[inside]
+    return boxes, pts, lab, index, dropped
 
 
 def box_prompts(boxes) -> np.ndarray:

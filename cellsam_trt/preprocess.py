@@ -28,28 +28,76 @@ class BlankImageError(ValueError):
     """The image has no nonzero value after normalisation: there is nothing to segment."""
 
 
+MIN_IMAGE_SIDE = 2
+"""The smallest image side, in pixels. Every stage runs on a 1 x 1 image (tried: ``prepare`` and
+``segment`` give an all-zero label map), but a side of 1 cannot be told from a singleton channel
+or stack axis, which readers squeeze away (a stored (1, 5000) image would become (5000,)); so a
+side of 1 is refused, and 2 x 2 is the smallest image accepted."""
+
+
+def unsupported_dtype(dtype) -> str | None:
+    """Why pixels of ``dtype`` cannot be segmented (a message naming the dtype), or None.
+
+    Accepted: bool, signed and unsigned integers, float16 / float32 / float64. Refused by name:
+    complex (the imaginary part would be dropped), object, strings, datetime / timedelta,
+    structured / raw bytes and extended-precision floats.
+    """
+    dt = np.dtype(dtype)
+    why = {
+        "c": "complex-valued pixels cannot be segmented (the imaginary part would be dropped); "
+        "pass the magnitude (np.abs) or the real part",
+        "O": "Python objects, not pixel values",
+        "S": "byte strings (text), not pixel values",
+        "U": "strings (text), not pixel values",
+        "M": "dates and times, not pixel values",
+        "m": "time differences, not pixel values",
+        "V": "structured records or raw bytes, not pixel values",
+    }.get(dt.kind)
+    if why is None and dt.kind == "f" and dt.itemsize > 8:
+        why = "extended-precision floats are not supported; convert to float64"
+    if why is None and dt.kind not in "biuf":
+        why = "not a numeric pixel type"
+    return None if why is None else f"unsupported dtype {dt}: {why} (supported: bool, integers, float16/32/64)"
+
+
 def to_three_channels(image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
     """(H, W) or 3-D image -> (H, W, 3) float64 with the input channels in the last slots.
 
     channel_axis: axis of the channels of a 3-D image. None (default) takes the official
     rule, the smallest axis, which is wrong for tiny images (e.g. 2 x 2 x 3): pass the axis
-    explicitly when it is known. More than 3 channels is an error.
+    explicitly when it is known. More than 3 channels, or a side under ``MIN_IMAGE_SIDE``
+    pixels, is an error (ValueError) that names the shape and the channel axis taken.
     """
     image = np.asarray(image)
+    shape = image.shape
     if image.ndim == 2:
         image = image[..., None]
+        where = "a 2-D image"
     elif image.ndim == 3:
         axis = int(np.argmin(image.shape)) if channel_axis is None else channel_axis % 3
         image = np.moveaxis(image, axis, -1)
+        where = f"channel axis {axis} ({'the smallest axis' if channel_axis is None else 'as given'})"
     else:
-        raise ValueError(f"expected a 2-D image or a 3-D image with channels, got shape {image.shape}")
+        raise ValueError(
+            f"expected a 2-D image (H, W) or a 3-D image with channels ((H, W, C) or (C, H, W)), "
+            f"got {image.ndim}-D shape {shape}"
+        )
     h, w, c = image.shape
     if c > 3:
-        raise ValueError(f"at most 3 channels are supported, got {c} (shape {image.shape})")
+        raise ValueError(
+            f"at most 3 channels are supported, got {c} (shape {shape}, {where}); name the nuclear / "
+            "whole-cell channels or the channel axis (--nuclear-channel / --wholecell-channel / "
+            "--channel-axis; in Python Channels(nuclear=, wholecell=, axis=))"
+        )
     if h == 0 or w == 0:
-        raise ValueError(f"empty image (shape {image.shape})")
+        raise ValueError(f"empty image (shape {shape})")
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"the image is {h} x {w} pixels (shape {shape}, {where}); the minimum image size is "
+            f"{MIN_IMAGE_SIDE} x {MIN_IMAGE_SIDE}"
+        )
     out = np.zeros((h, w, 3), dtype=np.float64)
-    out[:, :, 3 - c:] = image
+    out[:, :, 3 - c :] = image
     return out
 
 

@@ -48,7 +48,7 @@ def _kmeanspp_1d(x: np.ndarray, rs: np.random.RandomState) -> np.ndarray:
     w = np.ones(n, dtype=np.float32)
     first = rs.choice(n, p=w / w.sum())
     centres = [x[first]]
-    closest = _sq_dist_upcast(x[first:first + 1], x)  # (1, n), shapes as scikit-learn's
+    closest = _sq_dist_upcast(x[first : first + 1], x)  # (1, n), shapes as scikit-learn's
     pot = closest @ w
     n_trials = 2 + int(np.log(2))
     rand = rs.uniform(size=n_trials) * pot

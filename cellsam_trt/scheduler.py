@@ -76,16 +76,28 @@ class CpuScheduler:
     stages; max_in_flight: images held at once.
     """
 
-    def __init__(self, backend: Backend, settings: P.SegmentSettings, readers: int = 1, workers: int = 2,
-                 max_in_flight: int = 4, keep_logits: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: P.SegmentSettings,
+        readers: int = 1,
+        workers: int = 2,
+        max_in_flight: int = 4,
+        keep_logits: bool = False,
+    ) -> None:
         if readers < 1 or workers < 1 or max_in_flight < 1:
             raise ValueError("readers, workers and max_in_flight must be >= 1")
         self.backend, self.settings = backend, settings
         self.readers, self.workers, self.max_in_flight = readers, workers, max_in_flight
         self.keep_logits = keep_logits
 
-    def run(self, sources: Iterable, prompts=None, settings: P.SegmentSettings | None = None,
-            max_in_flight: int | None = None) -> Iterator[ItemResult]:
+    def run(
+        self,
+        sources: Iterable,
+        prompts=None,
+        settings: P.SegmentSettings | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[ItemResult]:
         """One ``ItemResult`` per source, in input order (see ``read_source``, ``prompt_stream``);
         max_in_flight: this call's bound on images held (default: the scheduler's)."""
         settings = settings or self.settings

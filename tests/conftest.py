@@ -21,8 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("CELLSAM_TRT_REFERENCE", ROOT.parent / "shared" / "reference"))
 CACHE = Path(os.environ.get("CELLSAM_TRT_CACHE", Path.home() / ".cache" / "cellsam-trt"))
 
-BOX_CASES = ["YeaZ_boxes", "YeastNet_boxes", "ep_micro_boxes", "synthetic_512_boxes", "tissuenet_boxes",
-             "YeaZ_boxes20_nocp", "tissuenet_boxes20_nocp"]
+BOX_CASES = [
+    "YeaZ_boxes",
+    "YeastNet_boxes",
+    "ep_micro_boxes",
+    "synthetic_512_boxes",
+    "tissuenet_boxes",
+    "YeaZ_boxes20_nocp",
+    "tissuenet_boxes20_nocp",
+]
 AUTO_CASES = ["YeaZ_auto", "YeastNet_auto", "ep_micro_auto", "synthetic_512_auto", "tissuenet_auto"]
 
 # achieved figures, printed at the end of the run (and kept for the issue notes)
@@ -30,16 +37,18 @@ ACHIEVED: dict[str, dict] = {}
 
 
 def record(case: str, **figures) -> None:
-    ACHIEVED.setdefault(case, {}).update({k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v)
-                                          for k, v in figures.items()})
+    ACHIEVED.setdefault(case, {}).update(
+        {k: (float(v) if isinstance(v, (np.floating, float, int, np.integer)) else v) for k, v in figures.items()}
+    )
 
 
 def pytest_terminal_summary(terminalreporter):
     if ACHIEVED:
         terminalreporter.section("achieved parity figures")
         for case, figs in sorted(ACHIEVED.items()):
-            terminalreporter.write_line(f"{case}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                                                               for k, v in figs.items()))
+            terminalreporter.write_line(
+                f"{case}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figs.items())
+            )
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +119,15 @@ def tiny_export(tiny_model, tmp_path_factory):
     ckpt = root / "tiny.pt"
     torch.save(to_official_layout(tiny_model.state_dict(), tiny_model.cfg.cellfinder.dec_layers), ckpt)
     out = root / "onnx"
-    export_model(tiny_model, out, checkpoint_sha256=sha256_file(ckpt), checkpoint_path=str(ckpt),
-                 image_batches=(1, 2), decoder_prompts=(1, 37), int8=True)
+    export_model(
+        tiny_model,
+        out,
+        checkpoint_sha256=sha256_file(ckpt),
+        checkpoint_path=str(ckpt),
+        image_batches=(1, 2),
+        decoder_prompts=(1, 37),
+        int8=True,
+    )
     return out
 
 
@@ -145,21 +161,34 @@ def full_exports(synthetic_path, full_models):
     Exported once and cached under CACHE/onnx/<key> (key: checkpoint identity + exporter code).
     """
     from cellsam_trt.cli import main
-    from cellsam_trt.runtime import specs as S
     from cellsam_trt.export.onnx_export import export_model
+    from cellsam_trt.runtime import specs as S
     from cellsam_trt.runtime.manifest import MANIFEST
 
     _prune_exports(CACHE / "onnx")
     out = {}
     adv = CACHE / "onnx" / f"adv-{_export_key(synthetic_path, 'adv-int8')}"
     if not (adv / MANIFEST).is_file():
-        rc = main(["export", "--checkpoint", str(synthetic_path), "--out", str(adv), "--int8",
-                   "--validate-batches", "1", "--validate-prompts", "1,37"])
+        rc = main(
+            [
+                "export",
+                "--checkpoint",
+                str(synthetic_path),
+                "--out",
+                str(adv),
+                "--int8",
+                "--validate-batches",
+                "1",
+                "--validate-prompts",
+                "1,37",
+            ]
+        )
         assert rc == 0
     out["adv"] = adv
     nocp = CACHE / "onnx" / f"nocp-{_export_key(synthetic_path, 'nocp')}"
     if not (nocp / MANIFEST).is_file():
-        export_model(full_models["nocp"], nocp, parts=(S.ENCODER, S.DECODER), image_batches=(1,),
-                     decoder_prompts=(1, 37))
+        export_model(
+            full_models["nocp"], nocp, parts=(S.ENCODER, S.DECODER), image_batches=(1,), decoder_prompts=(1, 37)
+        )
     out["nocp"] = nocp
     return out

@@ -43,11 +43,11 @@ def torch_assemble_labels(lowres: np.ndarray, height: int, width: int, chunk: in
     logits = np.empty((n, height, width), np.float32) if return_logits else None
     with torch.no_grad():
         for s in range(0, n, chunk):
-            t = torch.from_numpy(np.ascontiguousarray(lowres[s:s + chunk], np.float32))[:, None]
+            t = torch.from_numpy(np.ascontiguousarray(lowres[s : s + chunk], np.float32))[:, None]
             up = F.interpolate(t, (MODEL_SIZE, MODEL_SIZE), mode="bilinear", align_corners=False)
             up = F.interpolate(up, (height, width), mode="bilinear", align_corners=False)[:, 0]
             if return_logits:
-                logits[s:s + len(up)] = up.numpy()
+                logits[s : s + len(up)] = up.numpy()
             on = torch.sigmoid(up) > MASK_THRESHOLD
             num = torch.arange(s + 1, s + len(up) + 1, dtype=torch.int32)[:, None, None]
             labels = torch.maximum(labels, (on.to(torch.int32) * num).amax(0))

@@ -41,7 +41,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -115,8 +115,11 @@ def test_layers_point_one_way():
     for m, deps in graph.items():
         if m.startswith("cellsam_trt.engine"):
             assert not any(d.startswith("cellsam_trt.export") for d in deps), f"{m} imports export: {deps}"
-            assert not any(d.split(".")[1] in ("pipeline", "scheduler", "gpu_scheduler", "api", "cli", "slide")
-                           for d in deps if d.count(".")), f"{m} imports a layer above the backends: {deps}"
+            assert not any(
+                d.split(".")[1] in ("pipeline", "scheduler", "gpu_scheduler", "api", "cli", "slide")
+                for d in deps
+                if d.count(".")
+            ), f"{m} imports a layer above the backends: {deps}"
         if m in ("cellsam_trt.pipeline", "cellsam_trt.scheduler"):
             assert not any(d.split(".")[1] in ("api", "cli", "export", "model") for d in deps if d.count(".")), deps
     # the modules `run` needs import no torch / onnx at module level
@@ -149,19 +152,19 @@ def test_the_runtime_runs_where_importing_torch_or_onnx_raises(tiny_export, tmp_
         import json, numpy as np
         from cellsam_trt import CellSAM, Prompts, SegmentSettings
         from cellsam_trt.cli import main
-        img = np.load({str(tmp_path / 'img.npy')!r}); boxes = np.array({boxes.tolist()!r}, np.float32)
+        img = np.load({str(tmp_path / "img.npy")!r}); boxes = np.array({boxes.tolist()!r}, np.float32)
         m = CellSAM.load({str(tiny_export)!r}, settings=SegmentSettings(iou_threshold=-100))
         a = m.segment(img, boxes=boxes)
         b = [r.segmentation.labels for r in m.segment_many([img, img], Prompts(boxes=boxes))]
         view = m.prompt(img)
         c = view.segment(boxes=boxes); d = view.segment(points=[[[20.0, 30.0]]])
         auto = m.segment(img)
-        rc = main(["run", {str(tmp_path / 'img.npy')!r}, "--out", {str(tmp_path / 'out')!r}, "--model",
-                   {str(tiny_export)!r}, "--boxes", {str(tmp_path / 'boxes.json')!r}, "--quiet",
+        rc = main(["run", {str(tmp_path / "img.npy")!r}, "--out", {str(tmp_path / "out")!r}, "--model",
+                   {str(tiny_export)!r}, "--boxes", {str(tmp_path / "boxes.json")!r}, "--quiet",
                    "--iou-threshold=-100", "--format", "npy"])
         assert all((x == a.labels).all() for x in b) and (c.labels == a.labels).all()
         assert "torch" not in sys.modules and "onnx" not in sys.modules
-        np.save({str(tmp_path / 'front.npy')!r}, a.labels.astype(np.uint16))
+        np.save({str(tmp_path / "front.npy")!r}, a.labels.astype(np.uint16))
         print(json.dumps({{"rc": rc, "cells": int(a.labels.max()), "point": d.labels.shape[0],
                            "auto": int(auto.labels.max())}}))
     """)
@@ -178,7 +181,7 @@ def test_a_checkpoint_without_torch_is_one_clear_line(tmp_path):
     np.save(tmp_path / "img.npy", np.ones((32, 32), np.uint8))
     script = BLOCK + textwrap.dedent(f"""
         from cellsam_trt.cli import main
-        sys.exit(main(["run", {str(tmp_path / 'img.npy')!r}, "--out", {str(tmp_path / 'o')!r}, "--checkpoint",
+        sys.exit(main(["run", {str(tmp_path / "img.npy")!r}, "--out", {str(tmp_path / "o")!r}, "--checkpoint",
                        {str(ck)!r}, "--quiet"]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -186,10 +189,26 @@ def test_a_checkpoint_without_torch_is_one_clear_line(tmp_path):
     assert "pip install" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("module", ["cellsam_trt", "cellsam_trt.runtime.specs", "cellsam_trt.engine.ort_backend",
-                                    "cellsam_trt.pipeline", "cellsam_trt.api", "cellsam_trt.cli"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "cellsam_trt",
+        "cellsam_trt.runtime.specs",
+        "cellsam_trt.engine.ort_backend",
+        "cellsam_trt.pipeline",
+        "cellsam_trt.api",
+        "cellsam_trt.cli",
+    ],
+)
 def test_importing_loads_nothing_heavy(module):
-    out = subprocess.run([sys.executable, "-c", f"import sys, {module}; "
-                          "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys, {module}; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "[]"

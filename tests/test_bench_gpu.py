@@ -43,16 +43,33 @@ def test_workload_and_code_paths_on_cpu(bench, tmp_path):
     images, bxs = [s[0] for s in small], [s[1] for s in small]
     base, ref = bench.run_official(model, images, bxs, warmup=0, device="cpu")
     assert set(base["stage_ms"]) == {"preprocess", "encode", "decode", "postprocess"} and base["images_per_s"] > 0
-    res, labels = bench.run_overlapped(TorchBackend(model, device="cpu", precision="fp32", sdpa=True), images, bxs,
-                                       warmup=1, device="cpu")
+    res, labels = bench.run_overlapped(
+        TorchBackend(model, device="cpu", precision="fp32", sdpa=True), images, bxs, warmup=1, device="cpu"
+    )
     assert set(res["stage_ms"]) == set(bench._gpu_scheduler().STAGES) and res["images_per_s"] > 0
     agr = bench.agreement(ref, labels)
     assert 0.0 <= agr["mean_iou"] <= 1.0
-    report = {"date": "test", "checkpoint": "tiny", "images": 2, "warmup": 0,
-              "machine": {"gpu": "none", "compute_capability": "-", "driver": None, "torch": torch.__version__,
-                          "cuda_runtime": None, "cudnn": None, "tensorrt": None, "cellsam_trt": "x", "python": "3"},
-              "results": [dict(base, config="official-fp32", boxes=4, speedup=1.0),
-                          dict(res, config="ours-fp32", boxes=4, speedup=1.0, agreement=agr)]}
+    report = {
+        "date": "test",
+        "checkpoint": "tiny",
+        "images": 2,
+        "warmup": 0,
+        "machine": {
+            "gpu": "none",
+            "compute_capability": "-",
+            "driver": None,
+            "torch": torch.__version__,
+            "cuda_runtime": None,
+            "cudnn": None,
+            "tensorrt": None,
+            "cellsam_trt": "x",
+            "python": "3",
+        },
+        "results": [
+            dict(base, config="official-fp32", boxes=4, speedup=1.0),
+            dict(res, config="ours-fp32", boxes=4, speedup=1.0, agreement=agr),
+        ],
+    }
     md = tmp_path / "RESULTS.md"
     bench.append_results_md(md, report)
     text = md.read_text()

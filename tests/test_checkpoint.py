@@ -13,7 +13,11 @@ import torch
 from cellsam_trt.model.cellsam import CellSAMConfig
 from cellsam_trt.model.checkpoint import CheckpointError, load_checkpoint, load_state_dict
 from cellsam_trt.model.synthetic import (
-    canonical_name, official_layout, synthetic_checkpoint, synthetic_state_dict, synthetic_tensor,
+    canonical_name,
+    official_layout,
+    synthetic_checkpoint,
+    synthetic_state_dict,
+    synthetic_tensor,
 )
 
 TINY = CellSAMConfig.tiny()
@@ -47,7 +51,9 @@ def test_synthetic_values_follow_the_rule():
     ln = synthetic_tensor("model.image_encoder.blocks.0.norm1.weight", (768,), 0)
     assert abs(ln.mean() - 1.0) < 0.02 and 0.05 < ln.std() < 0.15
     bias = synthetic_tensor("cellfinder.decode_head.transformer.class_embed.3.bias", (2,), 0)
-    np.testing.assert_array_equal(bias, synthetic_tensor("cellfinder.decode_head.transformer.class_embed.0.bias", (2,), 0))
+    np.testing.assert_array_equal(
+        bias, synthetic_tensor("cellfinder.decode_head.transformer.class_embed.0.bias", (2,), 0)
+    )
     assert np.all(bias < -2.5)
     ref = synthetic_tensor("cellfinder.decode_head.transformer.position.weight", (3500, 2), 0)
     assert ref.min() >= 0 and ref.max() < 1
@@ -88,7 +94,9 @@ def test_nested_state_dict_and_head_aliases(tmp_path):
     torch.save({"state_dict": sd, "epoch": torch.tensor(3)}, path)
     ck = load_checkpoint(path, cfg=TINY)
     head = ck.model.finder.transformer.class_embed.weight
-    assert torch.equal(head, sd[f"cellfinder.decode_head.transformer.class_embed.{TINY.cellfinder.dec_layers - 1}.weight"])
+    assert torch.equal(
+        head, sd[f"cellfinder.decode_head.transformer.class_embed.{TINY.cellfinder.dec_layers - 1}.weight"]
+    )
 
 
 def test_missing_and_unexpected_keys_are_listed(tmp_path):
@@ -137,7 +145,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_plain_sam_checkpoint_loads_for_prompts(tmp_path):
     sd = synthetic_state_dict(0, TINY)
-    sam = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    sam = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     path = tmp_path / "sam_vit_b.pth"
     torch.save(sam, path)
     ck = load_checkpoint(path, cfg=TINY)

@@ -106,8 +106,12 @@ def test_bad_files_are_named_and_the_job_goes_on(tiny_checkpoint, images, tmp_pa
     err = capsys.readouterr().err
     summary = json.loads((out / "run_summary.json").read_text())
     status = {f["input"].rsplit("/", 1)[-1]: f for f in summary["files"]}
-    for name, problem in [("corrupt.tif", "no image data"), ("empty.npy", "no image data"), ("nan.npy", "NaN"),
-                          ("five.npy", "channels")]:
+    for name, problem in [
+        ("corrupt.tif", "no image data"),
+        ("empty.npy", "no image data"),
+        ("nan.npy", "NaN"),
+        ("five.npy", "channels"),
+    ]:
         assert status[name]["status"] == "error" and problem in status[name]["error"]
         assert name in status[name]["error"] and name in err
         assert not (out / f"{name.rsplit('.', 1)[0]}_labels.tif").exists()
@@ -165,12 +169,38 @@ def test_channel_mapping(tiny_checkpoint, images, tmp_path):
     out1, out2 = tmp_path / "o1", tmp_path / "o2"
     assert run(d / "d.ome.tif", "--out", out1, "--checkpoint", tiny_checkpoint, "--boxes", boxes) == 0
     # explicit mapping: channel 0 nuclear, channel 1 whole-cell == the default (channels fill slots 1, 2)
-    assert run(d / "d.ome.tif", "--out", out2, "--checkpoint", tiny_checkpoint, "--boxes", boxes,
-               "--nuclear-channel", "0", "--wholecell-channel", "1") == 0
+    assert (
+        run(
+            d / "d.ome.tif",
+            "--out",
+            out2,
+            "--checkpoint",
+            tiny_checkpoint,
+            "--boxes",
+            boxes,
+            "--nuclear-channel",
+            "0",
+            "--wholecell-channel",
+            "1",
+        )
+        == 0
+    )
     a, b = tifffile.imread(out1 / "d.ome_labels.tif"), tifffile.imread(out2 / "d.ome_labels.tif")
     np.testing.assert_array_equal(a, b)
-    assert run(d / "d.ome.tif", "--out", tmp_path / "o3", "--checkpoint", tiny_checkpoint, "--boxes", boxes,
-               "--wholecell-channel", "7") == 1
+    assert (
+        run(
+            d / "d.ome.tif",
+            "--out",
+            tmp_path / "o3",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--boxes",
+            boxes,
+            "--wholecell-channel",
+            "7",
+        )
+        == 1
+    )
 
 
 def test_no_inputs(tmp_path):
@@ -198,14 +228,42 @@ def test_run_on_an_export_uses_onnx_runtime(tiny_checkpoint, tiny_export, images
 
 def test_trt_backend_needs_engines_and_tensorrt(tiny_export, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.ones((20, 20), np.uint8))
-    assert cli.main(["run", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--backend", "trt", "--model",
-                     str(tiny_export), "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                str(tmp_path / "x.npy"),
+                "--out",
+                str(tmp_path / "o"),
+                "--backend",
+                "trt",
+                "--model",
+                str(tiny_export),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "backend trt needs an engine directory" in capsys.readouterr().err
     engines = tmp_path / "engines"
     engines.mkdir()
     (engines / "image_encoder.engine").write_bytes(b"not an engine")
-    assert cli.main(["run", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--model", str(engines),
-                     "--device", "cpu", "--quiet"]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                str(tmp_path / "x.npy"),
+                "--out",
+                str(tmp_path / "o"),
+                "--model",
+                str(engines),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "CUDA device, not the CPU" in capsys.readouterr().err
 
 
@@ -217,19 +275,35 @@ def test_a_run_without_a_model_says_how_to_name_one(images, tmp_path, capsys):
     assert not (tmp_path / "o" / "a_labels.tif").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "cuda"], "no CUDA device"),
-    (["--backend", "ort", "--precision", "fp16"], "ONNX Runtime runs fp32 or int8"),
-    (["--backend", "torch", "--precision", "int8"], "torch backend runs fp32, fp16 or bf16"),
-    (["--device", "tpu"], "device must be"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "cuda"], "no CUDA device"),
+        (["--backend", "ort", "--precision", "fp16"], "ONNX Runtime runs fp32 or int8"),
+        (["--backend", "torch", "--precision", "int8"], "torch backend runs fp32, fp16 or bf16"),
+        (["--device", "tpu"], "device must be"),
+    ],
+)
 def test_requests_that_cannot_be_met_are_one_line(tiny_checkpoint, images, tmp_path, flags, message):
     """No traceback and no silent fallback: the CLI exits with one line naming the reason."""
     if flags[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     d, boxes = images
-    cmd = [sys.executable, "-m", "cellsam_trt.cli", "run", str(d / "a.tif"), "--out", str(tmp_path / "o"),
-           "--checkpoint", str(tiny_checkpoint), "--boxes", str(boxes), "--quiet", *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cellsam_trt.cli",
+        "run",
+        str(d / "a.tif"),
+        "--out",
+        str(tmp_path / "o"),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--boxes",
+        str(boxes),
+        "--quiet",
+        *flags,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and message in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -244,8 +318,18 @@ def test_channel_flags_with_a_leading_channel_axis(tiny_checkpoint, tmp_path):
     np.save(tmp_path / "chw.npy", stack)
     np.save(tmp_path / "hwc.npy", np.moveaxis(stack, 0, -1))
     (tmp_path / "b.json").write_text(json.dumps({"boxes": boxes.tolist()}))
-    common = ["--checkpoint", tiny_checkpoint, "--boxes", tmp_path / "b.json", "--format", "npy",
-              "--nuclear-channel", "0", "--wholecell-channel", "1"]
+    common = [
+        "--checkpoint",
+        tiny_checkpoint,
+        "--boxes",
+        tmp_path / "b.json",
+        "--format",
+        "npy",
+        "--nuclear-channel",
+        "0",
+        "--wholecell-channel",
+        "1",
+    ]
     assert run(tmp_path / "chw.npy", "--out", tmp_path / "o1", "--channel-axis", "0", *common) == 0
     assert run(tmp_path / "hwc.npy", "--out", tmp_path / "o2", "--channel-axis", "-1", *common) == 0
     a, b = np.load(tmp_path / "o1" / "chw_labels.npy"), np.load(tmp_path / "o2" / "hwc_labels.npy")
@@ -256,8 +340,26 @@ def test_channel_flags_with_a_leading_channel_axis(tiny_checkpoint, tmp_path):
 def test_auto_backend_runs_a_checkpoint_on_onnx_runtime_on_the_cpu(tiny_checkpoint, images, tmp_path):
     d, boxes = images
     cache = tmp_path / "exports"
-    assert cli.main(["run", str(d / "a.tif"), "--out", str(tmp_path / "o"), "--checkpoint", str(tiny_checkpoint),
-                     "--boxes", str(boxes), "--export-cache", str(cache), "--device", "cpu", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(d / "a.tif"),
+                "--out",
+                str(tmp_path / "o"),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--boxes",
+                str(boxes),
+                "--export-cache",
+                str(cache),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
     assert summary["backend"] == "ort" and summary["scheduler"] == "cpu" and "ONNX Runtime" in summary["reason"]
 
@@ -292,8 +394,20 @@ def test_point_prompts_from_a_file(tiny_export, tmp_path):
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     points = [[[float(x), float(y)]] for x, y in centres]
     (tmp_path / "points.json").write_text(json.dumps({"points": points, "point_labels": [[1]] * len(points)}))
-    assert run(tmp_path / "p.tif", "--out", tmp_path / "o", "--model", tiny_export, "--points",
-               tmp_path / "points.json", "--format", "npy") == 0
+    assert (
+        run(
+            tmp_path / "p.tif",
+            "--out",
+            tmp_path / "o",
+            "--model",
+            tiny_export,
+            "--points",
+            tmp_path / "points.json",
+            "--format",
+            "npy",
+        )
+        == 0
+    )
     got = np.load(tmp_path / "o" / "p_labels.npy")
     engine = CellSAM.load(tiny_export, settings=SegmentSettings(iou_threshold=-100))
     want = engine.segment(img, points=np.array(points, np.float32), point_labels=np.ones((len(points), 1)))
@@ -306,8 +420,26 @@ def test_point_prompts_from_a_file(tiny_export, tmp_path):
 
 def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--model", str(tiny_export), "--images", "2", "--size", "128", "160", "--cells", "5",
-                     "--iou-threshold=-100", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--model",
+                str(tiny_export),
+                "--images",
+                "2",
+                "--size",
+                "128",
+                "160",
+                "--cells",
+                "5",
+                "--iou-threshold=-100",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert len(r["seconds_per_image"]) == 2 and all(t > 0 for t in r["seconds_per_image"])
     assert r["images_per_s_sequential"] > 0 and r["images_per_s_segment_many"] > 0 and r["failed"] == []
@@ -316,8 +448,22 @@ def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
 
 def test_progress_bar_shows_images_per_second(tiny_checkpoint, images, tmp_path, capsys):
     d, boxes = images
-    rc = cli.main(["run", str(d / "a.tif"), str(d / "b.npy"), "--out", str(tmp_path / "o"), "--checkpoint",
-                   str(tiny_checkpoint), "--backend", "torch", "--boxes", str(boxes), "--iou-threshold=-100"])
+    rc = cli.main(
+        [
+            "run",
+            str(d / "a.tif"),
+            str(d / "b.npy"),
+            "--out",
+            str(tmp_path / "o"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+            "--boxes",
+            str(boxes),
+            "--iou-threshold=-100",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "2/2" in err and "images/s" in err

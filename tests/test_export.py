@@ -10,10 +10,10 @@ import onnx
 import pytest
 import torch
 
-from cellsam_trt.runtime import specs as S
-from cellsam_trt.export.onnx_export import (IR_VERSION, OPSET, Case, ExportValidationError, export_graph,
-                                            read_manifest)
+from cellsam_trt.export.onnx_export import IR_VERSION, OPSET, Case, ExportValidationError, export_graph
 from cellsam_trt.export.trt_compat import TrtCompatError, assert_trt_compatible, check_trt_compat
+from cellsam_trt.runtime import specs as S
+from cellsam_trt.runtime.manifest import read_manifest
 from cellsam_trt.runtime.prompt_layout import prompt_tokens
 
 
@@ -138,8 +138,11 @@ def test_decoder_point_prompts(decoder_session, tiny_model, embedding, with_boxe
     assert coords.shape == (5, 6 if with_boxes else 5, 2)
     lr, iou = decoder_session.run(None, {"image_embeddings": embedding, "point_coords": coords, "point_labels": labels})
     want_lr, want_iou = tiny_model.mask_sam.decode(
-        torch.from_numpy(embedding), boxes=None if boxes is None else torch.from_numpy(boxes),
-        points=torch.from_numpy(pts), labels=torch.from_numpy(lab))
+        torch.from_numpy(embedding),
+        boxes=None if boxes is None else torch.from_numpy(boxes),
+        points=torch.from_numpy(pts),
+        labels=torch.from_numpy(lab),
+    )
     assert np.abs(lr - want_lr.numpy()).max() <= 1e-5 * max(1.0, float(want_lr.abs().max()))
     assert np.abs(iou - want_iou.numpy()).max() <= 1e-5
 
@@ -159,8 +162,12 @@ def test_split_decoder_graphs_match_sam_decode(tiny_export, tiny_model, embeddin
     coords, labels = prompt_tokens(boxes=boxes, points=pts, point_labels=np.ones((n, 1)))
     feeds = dict(zip(S.model_specs()[S.CONTEXT_DECODER].input_names, context))
     lr, iou = dec.run(None, {**feeds, "point_coords": coords, "point_labels": labels})
-    want_lr, want_iou = tiny_model.mask_sam.decode(torch.from_numpy(embedding), boxes=torch.from_numpy(boxes),
-                                                   points=torch.from_numpy(pts), labels=torch.ones(n, 1, dtype=torch.int64))
+    want_lr, want_iou = tiny_model.mask_sam.decode(
+        torch.from_numpy(embedding),
+        boxes=torch.from_numpy(boxes),
+        points=torch.from_numpy(pts),
+        labels=torch.ones(n, 1, dtype=torch.int64),
+    )
     assert lr.shape == (n, 1, 256, 256)
     assert np.abs(lr - want_lr.numpy()).max() <= 1e-5 * max(1.0, float(want_lr.abs().max()))
     assert np.abs(iou - want_iou.numpy()).max() <= 1e-5
@@ -184,8 +191,12 @@ class _Affine(torch.nn.Module):
         return self.lin(x)
 
 
-_SMALL = S.ModelSpec("affine", "affine.onnx", (S.TensorSpec("x", "float32", (S.Dim("B", 1, 2, 8), 4)),),
-                     (S.TensorSpec("y", "float32", (S.Dim("B", 1, 2, 8), 3)),))
+_SMALL = S.ModelSpec(
+    "affine",
+    "affine.onnx",
+    (S.TensorSpec("x", "float32", (S.Dim("B", 1, 2, 8), 4)),),
+    (S.TensorSpec("y", "float32", (S.Dim("B", 1, 2, 8), 3)),),
+)
 
 
 def test_validation_error_reports_the_difference(tmp_path):

@@ -28,8 +28,13 @@ def run_case(reference, full_models, case):
         model = full_models["nocp" if case.endswith("nocp") else "adv"]
         backend = TorchBackend(model)
         if "_boxes" in case:
-            res = P.segment(backend, g["image"], P.Prompts(boxes=case_boxes(reference, case)), return_embedding=True,
-                            keep_logits=True)
+            res = P.segment(
+                backend,
+                g["image"],
+                P.Prompts(boxes=case_boxes(reference, case)),
+                return_embedding=True,
+                keep_logits=True,
+            )
         else:
             res = P.segment(backend, g["image"], keep_logits=True)
         _RUNS[case] = (g, res, backend)
@@ -50,9 +55,16 @@ def test_box_prompt_case(reference, full_models, case):
     prompts = np.abs(d.prompts_1024 - g["boxes_prompt_1024"]).max()
     raw_agree = (d.labels_raw == g["labels_raw"]).mean()
     agree = (res.labels == g["mask"]).mean()
-    record(case, embedding_maxabs=emb, lowres_maxabs=lowres, iou_maxabs=iou, prompts_maxabs=prompts,
-           raw_label_agreement=raw_agree, label_agreement=agree,
-           kept=f"{len(d.prompt_index)}/{len(g['kept'])}")
+    record(
+        case,
+        embedding_maxabs=emb,
+        lowres_maxabs=lowres,
+        iou_maxabs=iou,
+        prompts_maxabs=prompts,
+        raw_label_agreement=raw_agree,
+        label_agreement=agree,
+        kept=f"{len(d.prompt_index)}/{len(g['kept'])}",
+    )
 
     assert emb <= TENSOR_TOL
     assert prompts <= 1e-4

@@ -17,8 +17,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def _run(*args, timeout=900):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_cpu_run_writes_the_report(tmp_path):

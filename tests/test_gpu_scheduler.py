@@ -135,12 +135,12 @@ def blob_image(seed, h=120, w=140):
     return img.astype(np.float32)
 
 
-def host_seconds(image, settings=SegmentSettings()):
+def host_seconds(image):
     """Seconds of the host work of one image's front stage (prepare + encoder input)."""
     from cellsam_trt import preprocess as pre
 
     t0 = time.perf_counter()
-    pre.sam_encoder_input(P.prepare(image, settings).squashed, False)
+    pre.sam_encoder_input(P.prepare(image, SegmentSettings()).squashed, False)
     return time.perf_counter() - t0
 
 
@@ -173,8 +173,15 @@ def test_one_failing_image_does_not_stop_the_others(tmp_path):
     be = SlowBackend(delay=0.01, fail_on_decode_call=2)
     missing = tmp_path / "missing.tif"
     np.save(tmp_path / "ok.npy", blob_image(9))
-    images = [blob_image(0), str(missing), blob_image(1), np.full((5, 5, 7), 1.0), blob_image(2),
-              str(tmp_path / "ok.npy"), blob_image(3)]
+    images = [
+        blob_image(0),
+        str(missing),
+        blob_image(1),
+        np.full((5, 5, 7), 1.0),
+        blob_image(2),
+        str(tmp_path / "ok.npy"),
+        blob_image(3),
+    ]
     prompts = [Prompts(boxes=[[40, 30, 90, 60]])] * 7
     prompts = list(prompts)
     prompts[4] = Prompts(boxes=[[1, 2, 3]])  # bad prompts
@@ -196,7 +203,8 @@ def test_one_failing_image_does_not_stop_the_others(tmp_path):
 def test_closing_early_stops_the_workers():
     be = SlowBackend(delay=0.02)
     gen = GpuScheduler(be, SegmentSettings(), queue_size=1, post_device="cpu").run(
-        (blob_image(i) for i in range(50)), (Prompts(boxes=[[40, 30, 90, 60]]) for _ in range(50)))
+        (blob_image(i) for i in range(50)), (Prompts(boxes=[[40, 30, 90, 60]]) for _ in range(50))
+    )
     first = next(gen)
     assert first.index == 0 and first.ok
     gen.close()
@@ -234,8 +242,15 @@ def _cases():
     bad = img0.astype(np.float32)
     bad[5, 5] = np.nan
     images = [img0, img1, cells_image(3)[0], bad, img2, np.zeros((50, 60), np.uint8), np.zeros((40, 30), np.uint8)]
-    prompts = [Prompts(boxes=b0), Prompts(points=pts, point_labels=np.tile([1, 0], (len(pts), 1))), None,
-               Prompts(boxes=b0), Prompts(boxes=b2), Prompts(boxes=[[1, 1, 10, 10]]), None]
+    prompts = [
+        Prompts(boxes=b0),
+        Prompts(points=pts, point_labels=np.tile([1, 0], (len(pts), 1))),
+        None,
+        Prompts(boxes=b0),
+        Prompts(boxes=b2),
+        Prompts(boxes=[[1, 1, 10, 10]]),
+        None,
+    ]
     return images, prompts, 3
 
 
@@ -246,7 +261,7 @@ def test_same_results_as_the_sequential_pipeline_and_the_cpu_scheduler(tiny_mode
     gs = GpuScheduler(backend, settings, post_device="cpu", keep_logits=True)
     assert gs.device_resident and gs.post_device == torch.device("cpu")  # embedding and logits as tensors
     got = list(gs.run(images, prompts))
-    cpu = list(CpuScheduler(backend, settings, keep_logits=True).run(images, prompts))
+    cpu = list(CpuScheduler(backend, settings).run(images, prompts))  # the default path: logits not kept
     for results, stages in ((got, GPU_STAGES), (cpu, {"prepare", "model"})):
         assert [r.index for r in results] == list(range(len(images)))
         assert all(r.source is img for r, img in zip(results, images))
@@ -267,6 +282,7 @@ def test_same_results_as_the_sequential_pipeline_and_the_cpu_scheduler(tiny_mode
         want = P.segment(backend, img, p, settings, keep_logits=True)
         for r in (got[i], cpu[i]):
             _same(r.segmentation, want)
+        assert cpu[i].segmentation.details.lowres_logits is None
         if want.details.lowres_logits is not None:  # the same decoder outputs, kept on the device
             np.testing.assert_array_equal(got[i].segmentation.details.lowres_logits, want.details.lowres_logits)
     assert got[0].segmentation.n_cells > 0 and got[1].segmentation.n_cells > 0 and got[4].segmentation.n_cells > 0
@@ -313,6 +329,7 @@ def test_cuda_scheduler(tiny_model):
     for (img, b), r in zip(images, got):
         assert r.ok, r.error
         assert set(r.timings) == GPU_STAGES
-        m = match_instances(P.segment(ref, img, Prompts(boxes=b), settings).details.labels_raw,
-                            r.segmentation.details.labels_raw)
+        m = match_instances(
+            P.segment(ref, img, Prompts(boxes=b), settings).details.labels_raw, r.segmentation.details.labels_raw
+        )
         assert m.mean_iou > 0.99

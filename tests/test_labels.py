@@ -74,8 +74,10 @@ def test_fill_holes_random(seed):
     rng = np.random.default_rng(seed)
     lowres = blobs(rng, int(rng.integers(1, 15)))
     labels = assemble_labels(lowres, int(rng.integers(20, 400)), int(rng.integers(20, 400)))
-    np.testing.assert_array_equal(fill_holes_and_remove_small_masks(labels, 25),
-                                  ref.fill_holes_and_remove_small_masks(labels.astype(np.int64), 25))
+    np.testing.assert_array_equal(
+        fill_holes_and_remove_small_masks(labels, 25),
+        ref.fill_holes_and_remove_small_masks(labels.astype(np.int64), 25),
+    )
 
 
 # ---------------------------------------------------------------------------- without the native build
@@ -134,8 +136,14 @@ def test_numpy_fallback_without_the_native_build(tmp_path):
     b = np.roll(raw, (3, -2), (0, 1))
     np.savez(tmp_path / "in.npz", lowres=lowres, h=h, w=w, raw=raw, a=a, b=b)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["at_import"] == []  # no import-time side effects

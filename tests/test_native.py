@@ -42,7 +42,8 @@ def blobs(rng, n, size=256, noise=2.0):
     for i in range(n):
         cy, cx, r = int(rng.integers(0, size)), int(rng.integers(0, size)), int(rng.integers(2, 40))
         out[i] += (24.0 * (((yy - cy) ** 2 + (xx - cx) ** 2) < r * r) + rng.normal(0, noise, (size, size))).astype(
-            np.float32)
+            np.float32
+        )
     return out
 
 
@@ -83,8 +84,9 @@ def assert_labels_match_reference(ours, theirs, lowres, h, w):
 
 
 # ---------------------------------------------------------------------------- interpolation
-@pytest.mark.parametrize("hw", [(470, 486), (512, 512), (1024, 1024), (7, 9), (2000, 700), (1, 1), (300, 1500),
-                                (1025, 1023)])
+@pytest.mark.parametrize(
+    "hw", [(470, 486), (512, 512), (1024, 1024), (7, 9), (2000, 700), (1, 1), (300, 1500), (1025, 1023)]
+)
 def test_upsample_logits_bit_identical(hw):
     rng = np.random.default_rng(hw[0] * 7 + hw[1])
     x = (rng.standard_normal((256, 256)) * rng.choice([0.01, 1.0, 1e4], (256, 256))).astype(np.float32)
@@ -103,6 +105,7 @@ def test_upsample_logits_special_values():
 
 def test_threshold_is_float32_sigmoid_test():
     """T is the smallest float32 whose correctly rounded sigmoid is > 0.4f, 1e-7 from log(2/3)."""
+
     def on(x):
         return np.float32(1.0 / (1.0 + math.exp(-float(x)))) > np.float32(0.4)
 
@@ -157,8 +160,9 @@ def test_assemble_empty_and_all_off():
     assert not _native.assemble_labels(np.zeros((0, 256, 256), np.float32), 20, 30).any()
     assert not _native.assemble_labels(np.full((3, 256, 256), -5, np.float32), 20, 30).any()
     assert _native.assemble_labels(np.full((2, 256, 256), 5, np.float32), 0, 30).shape == (0, 30)
-    np.testing.assert_array_equal(_native.assemble_labels(np.full((2, 256, 256), 5, np.float32), 3, 4),
-                                  np.full((3, 4), 2, np.int32))
+    np.testing.assert_array_equal(
+        _native.assemble_labels(np.full((2, 256, 256), 5, np.float32), 3, 4), np.full((3, 4), 2, np.int32)
+    )
 
 
 def test_assemble_single_pixel_and_corners():
@@ -234,10 +238,12 @@ def test_assemble_input_checks():
         _native.assemble_labels(np.zeros((2, 256, 256), np.float32), -1, 10)
     # float64 is cast, and labels.assemble_labels accepts (N, 1, 256, 256)
     lowres = blobs(np.random.default_rng(3), 3)
-    np.testing.assert_array_equal(_native.assemble_labels(lowres.astype(np.float64), 50, 60),
-                                  _native.assemble_labels(lowres, 50, 60))
-    np.testing.assert_array_equal(label_ops.assemble_labels(lowres[:, None], 50, 60),
-                                  _native.assemble_labels(lowres, 50, 60))
+    np.testing.assert_array_equal(
+        _native.assemble_labels(lowres.astype(np.float64), 50, 60), _native.assemble_labels(lowres, 50, 60)
+    )
+    np.testing.assert_array_equal(
+        label_ops.assemble_labels(lowres[:, None], 50, 60), _native.assemble_labels(lowres, 50, 60)
+    )
 
 
 @st.composite
@@ -253,7 +259,7 @@ def mask_stacks(draw):
             c0 = draw(st.integers(0, 255))
             r1 = draw(st.integers(r0, min(255, r0 + draw(st.sampled_from([0, 3, 40, 255])))))
             c1 = draw(st.integers(c0, min(255, c0 + draw(st.sampled_from([0, 3, 40, 255])))))
-            out[k, r0:r1 + 1, c0:c1 + 1] = draw(st.sampled_from([0.0, 2.0, 15.0, float(T), -0.4]))
+            out[k, r0 : r1 + 1, c0 : c1 + 1] = draw(st.sampled_from([0.0, 2.0, 15.0, float(T), -0.4]))
     h = draw(st.one_of(st.integers(1, 40), st.integers(200, 1100), st.just(2000)))
     w = draw(st.one_of(st.integers(1, 40), st.integers(200, 1100), st.just(700)))
     return out, h, w
@@ -292,9 +298,11 @@ def test_fill_holes_sources_when_a_mask_lies_in_an_earlier_masks_hole():
     m[4:14, 4:14] = 0
     m[6:12, 6:12] = 2
     m[24:32, 24:32] = 3
-    for fill in (_native.fill_holes_and_remove_small_masks_with_sources,
-                 ref.fill_holes_and_remove_small_masks_with_sources,
-                 label_ops.fill_holes_and_remove_small_masks_with_sources):
+    for fill in (
+        _native.fill_holes_and_remove_small_masks_with_sources,
+        ref.fill_holes_and_remove_small_masks_with_sources,
+        label_ops.fill_holes_and_remove_small_masks_with_sources,
+    ):
         out, sources = fill(m, 25)
         assert sources.tolist() == [1, 3]
         assert (out[2:16, 2:16] == 1).all() and (out[24:32, 24:32] == 2).all() and out.max() == 2
@@ -338,8 +346,11 @@ def test_fill_holes_diagonal_background_is_a_hole():
 def random_label_map(rng, h, w, n_labels, max_label=None):
     """Overlapping random rectangles and discs, some with holes, some tiny; optional big label values."""
     m = np.zeros((h, w), np.int32)
-    values = (np.arange(1, n_labels + 1) if max_label is None
-              else np.sort(rng.choice(np.arange(1, max_label + 1), n_labels, replace=False)))
+    values = (
+        np.arange(1, n_labels + 1)
+        if max_label is None
+        else np.sort(rng.choice(np.arange(1, max_label + 1), n_labels, replace=False))
+    )
     yy, xx = np.mgrid[:h, :w]
     for v in rng.permutation(values):
         cy, cx = rng.integers(0, h), rng.integers(0, w)
@@ -380,8 +391,10 @@ def test_fill_holes_from_assembled_labels():
         rng = np.random.default_rng(seed)
         lowres = blobs(rng, int(rng.integers(1, 15)))
         labels = _native.assemble_labels(lowres, int(rng.integers(20, 400)), int(rng.integers(20, 400)))
-        np.testing.assert_array_equal(label_ops.fill_holes_and_remove_small_masks(labels, 25),
-                                      ref.fill_holes_and_remove_small_masks(labels.astype(np.int64), 25))
+        np.testing.assert_array_equal(
+            label_ops.fill_holes_and_remove_small_masks(labels, 25),
+            ref.fill_holes_and_remove_small_masks(labels.astype(np.int64), 25),
+        )
         assert_fill_matches_reference(labels, 25)
 
 
@@ -391,8 +404,9 @@ def test_fill_holes_edge_shapes_and_dtypes():
         assert assert_fill_matches_reference(np.zeros(shape, np.int32), 2).shape == (0,)
     for shape in [(1, 1), (1, 50), (50, 1), (2, 2)]:
         m = (np.arange(np.prod(shape)).reshape(shape) % 3).astype(np.int32)
-        np.testing.assert_array_equal(_native.fill_holes_and_remove_small_masks(m, 2),
-                                      ref.fill_holes_and_remove_small_masks(m, 2))
+        np.testing.assert_array_equal(
+            _native.fill_holes_and_remove_small_masks(m, 2), ref.fill_holes_and_remove_small_masks(m, 2)
+        )
     m = np.zeros((10, 10), np.uint16)
     m[2:8, 2:8] = 7
     m[4, 4] = 0
@@ -407,8 +421,13 @@ def test_fill_holes_edge_shapes_and_dtypes():
 
 
 @HYP
-@given(st.integers(1, 48), st.integers(1, 48), st.integers(1, 12), st.integers(0, 2**32 - 1),
-       st.sampled_from([0, 1, 4, 25]))
+@given(
+    st.integers(1, 48),
+    st.integers(1, 48),
+    st.integers(1, 12),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 1, 4, 25]),
+)
 def test_fill_holes_property(h, w, n, seed, min_size):
     rng = np.random.default_rng(seed)
     m = rng.integers(0, n + 1, (h, w)).astype(np.int32)
@@ -544,7 +563,7 @@ def test_golden_full_label_maps(reference, full_models, case):
     from test_golden_parity import run_case
 
     g, res, _ = run_case(reference, full_models, case)
-    lowres, iou = res.lowres_logits, res.all_iou_predictions
+    lowres, iou = res.details.lowres_logits, res.details.all_iou_predictions
     keep = iou >= 0.5
     np.testing.assert_array_equal(keep, g["kept"])
     kept = np.ascontiguousarray(lowres[keep])
@@ -560,8 +579,14 @@ def test_golden_full_label_maps(reference, full_models, case):
     np.testing.assert_array_equal(want_s, final)
     np.testing.assert_array_equal(sources, want_sources)
     final_agree = float((final == g["mask"]).mean())
-    record(case, native_raw_label_agreement=agree, native_raw_differing_pixels=int((ours != g["labels_raw"]).sum()),
-           native_final_label_agreement=final_agree, native_final_differing_pixels=int((final != g["mask"]).sum()),
-           native_vs_numpy_sigmoid_differing_pixels=n_numpy, kept=int(keep.sum()))
+    record(
+        case,
+        native_raw_label_agreement=agree,
+        native_raw_differing_pixels=int((ours != g["labels_raw"]).sum()),
+        native_final_label_agreement=final_agree,
+        native_final_differing_pixels=int((final != g["mask"]).sum()),
+        native_vs_numpy_sigmoid_differing_pixels=n_numpy,
+        kept=int(keep.sum()),
+    )
     assert agree >= 0.999
     assert final_agree >= 0.999

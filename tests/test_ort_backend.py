@@ -10,12 +10,11 @@ from cellsam_trt import pipeline as P
 from cellsam_trt.engine.base import Backend, BackendError
 from cellsam_trt.engine.ort_backend import OrtBackend, OrtConfig, ProviderError, resolve_providers, trt_provider_options
 from cellsam_trt.engine.torch_backend import TorchBackend
-from cellsam_trt.runtime import specs as S
 from cellsam_trt.pipeline import Prompts, SegmentSettings
+from cellsam_trt.runtime import specs as S
+from test_pipeline import cells_image
 
 KEEP_ALL = SegmentSettings(iou_threshold=-1e9)  # the tiny random model predicts low IoUs: keep every mask
-
-from test_pipeline import cells_image
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +30,9 @@ def test_is_a_backend(ort_backend):
 
 def test_box_prompts_match_torch(ort_backend, tiny_model):
     img, boxes = cells_image()
-    a = P.segment(TorchBackend(tiny_model), img, Prompts(boxes=boxes), KEEP_ALL, return_embedding=True,
-                  keep_logits=True)
+    a = P.segment(
+        TorchBackend(tiny_model), img, Prompts(boxes=boxes), KEEP_ALL, return_embedding=True, keep_logits=True
+    )
     b = P.segment(ort_backend, img, Prompts(boxes=boxes), KEEP_ALL, return_embedding=True, keep_logits=True)
     da, db = a.details, b.details
     assert np.abs(da.embedding - db.embedding).max() <= 1e-4
@@ -87,8 +87,11 @@ def test_split_decoder_is_the_cpu_default_and_equals_the_whole_decoder(tiny_expo
     boxes = np.concatenate([xy, xy + 60], 1).astype(np.float32)
     pts = rng.uniform(0, 1000, (6, 3, 2)).astype(np.float32)
     lab = rng.integers(0, 2, (6, 3))
-    for kw in ({"boxes": boxes}, {"points": pts, "point_labels": lab},
-               {"boxes": boxes, "points": pts[:, :1], "point_labels": lab[:, :1]}):
+    for kw in (
+        {"boxes": boxes},
+        {"points": pts, "point_labels": lab},
+        {"boxes": boxes, "points": pts[:, :1], "point_labels": lab[:, :1]},
+    ):
         a, b = split.decode(emb, **kw), whole.decode(emb, **kw)
         assert a[0].shape == (6, 256, 256)
         assert np.abs(a[0] - b[0]).max() <= 1e-5 * max(1.0, np.abs(b[0]).max())
@@ -125,7 +128,7 @@ def test_decode_streams_keep_prompt_order_and_values(tiny_export):
         assert r.session.get_session_options().intra_op_num_threads == 1
     assert two.runner(S.CONTEXT_DECODER, 0).session is not two.runner(S.CONTEXT_DECODER, 1).session
     for i in range(7):  # prompt order: each row is that box decoded alone
-        np.testing.assert_allclose(a[0][i], one.decode(emb, boxes=boxes[i:i + 1])[0][0], rtol=0, atol=tol)
+        np.testing.assert_allclose(a[0][i], one.decode(emb, boxes=boxes[i : i + 1])[0][0], rtol=0, atol=tol)
     with pytest.raises(S.InputSpecError):  # bad prompts are refused before any stream runs
         two.decode(emb, points=np.zeros((3, 40, 2), np.float32))
     import threading
@@ -208,8 +211,10 @@ def test_tensorrt_profiles_come_from_the_spec():
     opts = trt_provider_options(spec, OrtConfig(trt_fp16=True, trt_cache_dir="/tmp/trt"))
     b = S.Bounds()
     assert opts["trt_profile_min_shapes"] == "image_embeddings:1x256x64x64,point_coords:1x1x2,point_labels:1x1"
-    assert opts["trt_profile_max_shapes"] == (f"image_embeddings:1x256x64x64,point_coords:{b.max_prompts}x"
-                                              f"{b.max_points}x2,point_labels:{b.max_prompts}x{b.max_points}")
+    assert opts["trt_profile_max_shapes"] == (
+        f"image_embeddings:1x256x64x64,point_coords:{b.max_prompts}x"
+        f"{b.max_points}x2,point_labels:{b.max_prompts}x{b.max_points}"
+    )
     assert opts["trt_fp16_enable"] is True and opts["trt_engine_cache_enable"] is True
 
 

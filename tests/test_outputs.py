@@ -16,9 +16,14 @@ def result(raw, scores, iou, min_size=25, with_sources=True):
     """A segmentation result as the pipeline builds it: the final map from the raw one; with
     ``with_sources`` the new ``label_sources`` field, without it an older result object."""
     final, sources = fill_holes_and_remove_small_masks_with_sources(raw, min_size)
-    seg = SimpleNamespace(labels=final, labels_raw=raw, boxes=np.zeros((len(iou), 4), np.float32),
-                          scores=None if scores is None else np.asarray(scores, np.float32),
-                          iou_predictions=np.asarray(iou, np.float32), prompt_index=np.arange(len(iou)))
+    seg = SimpleNamespace(
+        labels=final,
+        labels_raw=raw,
+        boxes=np.zeros((len(iou), 4), np.float32),
+        scores=None if scores is None else np.asarray(scores, np.float32),
+        iou_predictions=np.asarray(iou, np.float32),
+        prompt_index=np.arange(len(iou)),
+    )
     if with_sources:
         seg.label_sources = sources
     return seg
@@ -136,18 +141,24 @@ def test_polygons_trace_the_pixel_edges(tmp_path):
 def test_final_map_unchanged_by_sources_variant():
     raw = ring_with_a_cell_inside()
     for min_size in (0, 25, 100):
-        np.testing.assert_array_equal(fill_holes_and_remove_small_masks_with_sources(raw, min_size)[0],
-                                      fill_holes_and_remove_small_masks(raw, min_size))
+        np.testing.assert_array_equal(
+            fill_holes_and_remove_small_masks_with_sources(raw, min_size)[0],
+            fill_holes_and_remove_small_masks(raw, min_size),
+        )
 
 
 def test_table_reads_label_sources_from_details():
     """A result that keeps labels_raw / label_sources in ``seg.details``."""
     raw = ring_with_a_cell_inside()
     flat = result(raw, [0.9, 0.8, 0.7], [0.61, 0.62, 0.63])
-    for details in (SimpleNamespace(labels_raw=raw, label_sources=flat.label_sources),
-                    SimpleNamespace(labels_raw=raw)):
-        seg = SimpleNamespace(labels=flat.labels, boxes=flat.boxes, scores=flat.scores,
-                              iou_predictions=flat.iou_predictions, details=details)
+    for details in (SimpleNamespace(labels_raw=raw, label_sources=flat.label_sources), SimpleNamespace(labels_raw=raw)):
+        seg = SimpleNamespace(
+            labels=flat.labels,
+            boxes=flat.boxes,
+            scores=flat.scores,
+            iou_predictions=flat.iou_predictions,
+            details=details,
+        )
         t = cell_table(seg)
         np.testing.assert_allclose(t["detection_score"], [0.9, 0.7])
         np.testing.assert_allclose(t["iou_prediction"], [0.61, 0.63])

@@ -65,10 +65,12 @@ def test_extras():
     export_code = "\n".join(p.read_text() for p in (ROOT / "cellsam_trt" / "export").glob("*.py"))
     package_code = "\n".join(p.read_text() for p in (ROOT / "cellsam_trt").rglob("*.py"))
     assert {"torch>=2.1", "onnx>=1.15", "onnxruntime>=1.17"} <= set(extras["export"])
-    assert ("onnxscript" in names(extras["export"])) == bool(re.search(r"^\s*(import|from) onnxscript\b", export_code,
-                                                                        re.M))
+    assert ("onnxscript" in names(extras["export"])) == bool(
+        re.search(r"^\s*(import|from) onnxscript\b", export_code, re.M)
+    )
     assert ("segment-anything" in names(extras["export"])) == bool(
-        re.search(r"^\s*(import|from) segment_anything\b", package_code, re.M))
+        re.search(r"^\s*(import|from) segment_anything\b", package_code, re.M)
+    )
 
 
 def test_setup_py_says_only_what_pyproject_cannot():
@@ -100,8 +102,15 @@ WARNING = "cellsam_trt._native (the C++ post-processing) was NOT built"
 
 def build_ext(tmp_path: Path, **env) -> subprocess.CompletedProcess:
     """``python setup.py build_ext`` into tmp_path (nothing written into the checkout)."""
-    cmd = [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-           "--build-temp", str(tmp_path / "tmp")]
+    cmd = [
+        sys.executable,
+        "setup.py",
+        "build_ext",
+        "--build-lib",
+        str(tmp_path / "lib"),
+        "--build-temp",
+        str(tmp_path / "tmp"),
+    ]
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
 
 
@@ -131,8 +140,10 @@ def test_build_that_fails_to_compile_the_sources_warns_and_succeeds(tmp_path):
     if real is None:
         pytest.skip("no C++ compiler here")
     fake = tmp_path / "fake-c++"
-    fake.write_text(f"#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in *cpp_ext/*) echo 'fake: error' >&2; exit 1;; esac; "
-                    f"done\nexec {real} \"$@\"\n")
+    fake.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do case "$a" in *cpp_ext/*) echo \'fake: error\' >&2; exit 1;; esac; '
+        f'done\nexec {real} "$@"\n'
+    )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     proc = build_ext(tmp_path, CC=str(fake), CXX=str(fake))
     out = proc.stdout + proc.stderr

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from cellsam_trt import pipeline as P
 from cellsam_trt.engine.torch_backend import TorchBackend
 from cellsam_trt.model.cellsam import CellSAMConfig
 from cellsam_trt.model.checkpoint import load_state_dict
 from cellsam_trt.model.synthetic import synthetic_state_dict
-from cellsam_trt import pipeline as P
 from cellsam_trt.pipeline import Channels, Prompts, SegmentSettings
 
 TINY = CellSAMConfig.tiny()
@@ -49,9 +49,10 @@ def test_batched_decoder_equals_per_box_loop(tiny_model):
     sam = tiny_model.mask_sam
     lr, iou = sam.decode(emb, boxes=boxes)
     for i in range(len(boxes)):
-        lr1, iou1 = sam.decode(emb, boxes=boxes[i:i + 1])
-        assert (lr1 - lr[i:i + 1]).abs().max() <= 1e-4
-        assert (iou1 - iou[i:i + 1]).abs().max() <= 1e-4
+        lr1, iou1 = sam.decode(emb, boxes=boxes[i : i + 1])
+        # float32 summation order differs between batch sizes: 1e-5 of the logits' magnitude (~50)
+        assert (lr1 - lr[i : i + 1]).abs().max() <= 1e-5 * max(1.0, float(lr.abs().max()))
+        assert (iou1 - iou[i : i + 1]).abs().max() <= 1e-4
 
 
 def test_chunked_decode_equals_one_call(tiny_model):
@@ -134,12 +135,15 @@ def test_empty_box_list(backend):
     assert not res.labels.any() and res.labels.shape == img.shape
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.full((10, 10), np.nan), "NaN"),
-    (np.zeros((0, 10)), "empty"),
-    (np.zeros((10, 10, 5)), "3 channels"),
-    (np.array([["a"]]), "dtype"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.full((10, 10), np.nan), "NaN"),
+        (np.zeros((0, 10)), "empty"),
+        (np.zeros((10, 10, 5)), "3 channels"),
+        (np.array([["a"]]), "dtype"),
+    ],
+)
 def test_bad_images_are_named(backend, bad, match):
     with pytest.raises(ValueError, match=match):
         P.segment(backend, bad)
@@ -174,7 +178,8 @@ def test_dtypes(backend, dtype):
 
 def test_plain_sam_has_no_automatic_mode(tiny_model):
     model, kind = load_state_dict(
-        {k[len("model."):]: v for k, v in synthetic_state_dict(0, TINY).items() if k.startswith("model.")}, cfg=TINY)
+        {k[len("model.") :]: v for k, v in synthetic_state_dict(0, TINY).items() if k.startswith("model.")}, cfg=TINY
+    )
     assert kind == "sam"
     be = TorchBackend(model)
     assert not be.has_detector

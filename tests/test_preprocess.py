@@ -52,7 +52,8 @@ def test_blank_image_is_reported():
 def test_resize_matches_torch(shape):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).random(shape).astype(np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=(1024, 1024), mode="bilinear",
-                                          antialias=True, align_corners=False)[0].numpy()
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(x)[None], size=(1024, 1024), mode="bilinear", antialias=True, align_corners=False
+    )[0].numpy()
     out = pre.resize_to_model(x)
     assert np.abs(out - ref).max() <= 1e-6

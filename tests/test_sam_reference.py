@@ -36,7 +36,7 @@ def test_same_outputs_as_segment_anything(segment_anything, full_models):
         assert (emb - emb_ref).abs().max() <= 1e-4
         lr, iou = ours.decode(emb_ref, boxes=boxes)
         for i in range(len(boxes)):
-            sparse, dense = ref.prompt_encoder(points=None, boxes=boxes[i:i + 1, None], masks=None)
+            sparse, dense = ref.prompt_encoder(points=None, boxes=boxes[i : i + 1, None], masks=None)
             lr_ref, iou_ref = ref.mask_decoder(emb_ref, ref.prompt_encoder.get_dense_pe(), sparse, dense, False)
             assert (lr[i] - lr_ref[0]).abs().max() <= 1e-4
             assert (iou[i] - iou_ref[0]).abs().max() <= 1e-5

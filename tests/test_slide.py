@@ -17,8 +17,8 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cellsam_trt.metrics import StreamedInstanceMatch, match_instances
 from cellsam_trt import pipeline as P
+from cellsam_trt.metrics import StreamedInstanceMatch, match_instances
 from cellsam_trt.scheduler import ItemResult
 from cellsam_trt.slide import stitch
 from cellsam_trt.slide.grid import TileGrid, TileSettings, axis_tiles, route_prompts
@@ -66,8 +66,10 @@ def test_grid_cores_owner_and_scale():
 
 def test_prompts_go_to_one_tile_that_holds_them_in_local_pixels():
     g = TileGrid(1000, 1000, TileSettings(tile_size=512, overlap=96))
-    boxes = np.array([[10, 10, 40, 40], [470, 300, 520, 340], [990, 990, 999, 999], [0, 0, 900, 900],
-                      [2000, 2000, 2010, 2010]], np.float32)
+    boxes = np.array(
+        [[10, 10, 40, 40], [470, 300, 520, 340], [990, 990, 999, 999], [0, 0, 900, 900], [2000, 2000, 2010, 2010]],
+        np.float32,
+    )
     r = route_prompts(g, boxes=boxes)
     seen = {}
     for ti, e in r.per_tile.items():
@@ -138,7 +140,7 @@ def test_ome_zarr_writer_metadata_pyramid_and_atomic_replace(tmp_path):
     w = OmeZarrLabelWriter(dest, lab.shape, np.uint32, chunk=128, levels=3, pixel_size_um=(0.5, 0.5)).create()
     for y in range(0, 300, 128):
         for x in range(0, 500, 128):
-            w.write(y, x, lab[y:y + 128, x:x + 128])
+            w.write(y, x, lab[y : y + 128, x : x + 128])
     assert not dest.exists()  # nothing under the final name before finish
     w.finish()
     attrs = json.loads((dest / ".zattrs").read_text())
@@ -173,8 +175,9 @@ def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
     tiles = TileSettings(tile_size=400, overlap=48)  # cells are at most 33 px across
     dest = tmp_path / ("l.ome.zarr" if fmt == "ome-zarr" else "l.ome.tif")
     table = tmp_path / "cells.csv"
-    res = segment_slide(src, ThresholdSegmenter(s.threshold()), SlideOutput(dest, fmt=fmt, chunk=256, table=table),
-                        tiles)
+    res = segment_slide(
+        src, ThresholdSegmenter(s.threshold()), SlideOutput(dest, fmt=fmt, chunk=256, table=table), tiles
+    )
     assert res.ok and res.grid["tiles"] == 4 * 5
     out = read_labels(dest)
     # the streamed per-cell table equals the in-memory one of the whole label map
@@ -182,8 +185,13 @@ def test_cells_cut_by_tile_borders_come_out_whole(tmp_path, fmt):
 
     labels = out.astype(np.int32)
     n = int(labels.max())
-    seg = P.Segmentation(labels, np.zeros((0, 4), np.float32), None, np.zeros(n),
-                         P.Details(labels, np.arange(1, n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)))
+    seg = P.Segmentation(
+        labels,
+        np.zeros((0, 4), np.float32),
+        None,
+        np.zeros(n),
+        P.Details(labels, np.arange(1, n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)),
+    )
     want = cell_table(seg, 0)
     got = np.genfromtxt(table, delimiter=",", names=True)
     assert list(got.dtype.names) == list(TABLE_COLUMNS) and len(got) == res.cells
@@ -209,8 +217,12 @@ def test_a_model_that_misses_cut_cells_needs_an_overlap_of_a_cell(overlap, tmp_p
     s = SyntheticSlide(n, n, seed=1, pitch=37)  # tile edges do not line up with the cell pitch
     tiles = TileSettings(tile_size=400, overlap=overlap)
     dest = tmp_path / "l.ome.zarr"
-    segment_slide(SlideSource(array=s.image(0, n, 0, n)), ThresholdSegmenter(s.threshold(), drop_edge_cells=True),
-                  SlideOutput(dest), tiles)
+    segment_slide(
+        SlideSource(array=s.image(0, n, 0, n)),
+        ThresholdSegmenter(s.threshold(), drop_edge_cells=True),
+        SlideOutput(dest),
+        tiles,
+    )
     m = StreamedInstanceMatch()
     m.add(s.labels(0, n, 0, n), read_labels(dest))
     border, interior = s.cells_cut_by(TileGrid(n, n, tiles))
@@ -226,8 +238,9 @@ def test_without_links_border_cells_split(tmp_path):
     s, path = _slide_file(tmp_path)
     src = open_slide(path)
     out = tmp_path / "l.ome.zarr"
-    grid, routed, store, ch = prepare_slide(src, SlideOutput(out), TileSettings(tile_size=400, overlap=48),
-                                            None, None, None, None, {})
+    grid, routed, store, ch = prepare_slide(
+        src, SlideOutput(out), TileSettings(tile_size=400, overlap=48), None, None, None, None, {}
+    )
     segment_tile_batch(ThresholdSegmenter(s.threshold()), src, store, range(len(grid)), None, ch)
     done = store.done()
     offsets = stitch.offsets_for(grid, done)
@@ -249,8 +262,9 @@ def test_labels_do_not_depend_on_tile_order(tmp_path):
     maps = []
     for order in (lambda n: range(n), lambda n: reversed(range(n))):
         out = tmp_path / f"l{len(maps)}.ome.zarr"
-        grid, _, store, ch = prepare_slide(src, SlideOutput(out), TileSettings(tile_size=300, overlap=40),
-                                           None, None, None, None, {})
+        grid, _, store, ch = prepare_slide(
+            src, SlideOutput(out), TileSettings(tile_size=300, overlap=40), None, None, None, None, {}
+        )
         for i in order(len(grid)):  # one tile at a time, in this order
             segment_tile_batch(ThresholdSegmenter(s.threshold()), src, store, [i], None, ch)
         finish_slide(store, src, SlideOutput(out))
@@ -303,7 +317,7 @@ def test_interrupted_slide_resumes_and_failed_tiles_are_reported(tmp_path):
     only[y0:y1, x0:x1] = True
     for t in grid:
         if t.index != i:
-            only[t.y0:t.y1, t.x0:t.x1] = False
+            only[t.y0 : t.y1, t.x0 : t.x1] = False
     assert only.sum() > 1000 and not out[only].any()  # empty there, not stale
     assert (tmp_path / ".l.ome.zarr.work").exists()  # kept for the next run
     res = segment_slide(src, ThresholdSegmenter(s.threshold()), SlideOutput(dest), tiles)
@@ -329,8 +343,9 @@ def test_box_prompts_in_slide_pixels(tmp_path):
     boxes = np.stack([c["cx"] - c["r"], c["cy"] - c["r"], c["cx"] + c["r"], c["cy"] + c["r"]], 1).astype(np.float32)
     boxes = boxes[::3]
     dest = tmp_path / "l.ome.zarr"
-    res = segment_slide(open_slide(path), _BoxFill(), SlideOutput(dest), TileSettings(tile_size=256, overlap=48),
-                        boxes=boxes)
+    res = segment_slide(
+        open_slide(path), _BoxFill(), SlideOutput(dest), TileSettings(tile_size=256, overlap=48), boxes=boxes
+    )
     out = read_labels(dest)
     expect = np.zeros_like(out, dtype=np.int64)
     for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
@@ -348,7 +363,7 @@ def test_streamed_match_equals_in_memory_match():
     m = StreamedInstanceMatch()
     for y in range(0, 300, 128):
         for x in range(0, 400, 96):
-            m.add(gt[y:y + 128, x:x + 96], pred[y:y + 128, x:x + 96])
+            m.add(gt[y : y + 128, x : x + 96], pred[y : y + 128, x : x + 96])
     r = m.result()
     ref = match_instances(gt, pred)
     assert r["n_reference"] == ref.n_reference

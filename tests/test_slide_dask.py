@@ -43,10 +43,26 @@ def test_one_tile_equals_the_plain_run(tiny_export, tmp_path):
     s = SyntheticSlide(300, 340, seed=8)
     tifffile.imwrite(tmp_path / "a.tif", s.image(0, 300, 0, 340))
     boxes = box_file(s, tmp_path / "boxes.json")
-    assert run(tmp_path / "a.tif", "--out", tmp_path / "plain", "--model", tiny_export, "--format", "npy",
-               "--boxes", boxes) == 0
-    assert run(tmp_path / "a.tif", "--out", tmp_path / "tiled", "--model", tiny_export, "--tile-size", "1024",
-               "--boxes", boxes) == 0
+    assert (
+        run(
+            tmp_path / "a.tif", "--out", tmp_path / "plain", "--model", tiny_export, "--format", "npy", "--boxes", boxes
+        )
+        == 0
+    )
+    assert (
+        run(
+            tmp_path / "a.tif",
+            "--out",
+            tmp_path / "tiled",
+            "--model",
+            tiny_export,
+            "--tile-size",
+            "1024",
+            "--boxes",
+            boxes,
+        )
+        == 0
+    )
     plain = np.load(tmp_path / "plain" / "a_labels.npy")
     tiled = read_labels(tmp_path / "tiled" / "a_labels.ome.zarr")
     assert plain.max() > 0
@@ -57,8 +73,21 @@ def test_dask_local_cluster_gives_the_single_process_labels(tiny_export, slide, 
     boxes = box_file(SyntheticSlide(560, 620, seed=7), tmp_path / "boxes.json", every=2)
     common = ["--model", tiny_export, "--tile-size", "384", "--overlap", "64", "--chunk", "256", "--boxes", boxes]
     assert run(slide, "--out", tmp_path / "one", *common, "--table", "csv") == 0
-    assert run(slide, "--out", tmp_path / "dask", *common, "--dask-local", "2", "--slide-format", "bigtiff",
-               "--table", "csv") == 0
+    assert (
+        run(
+            slide,
+            "--out",
+            tmp_path / "dask",
+            *common,
+            "--dask-local",
+            "2",
+            "--slide-format",
+            "bigtiff",
+            "--table",
+            "csv",
+        )
+        == 0
+    )
     assert (tmp_path / "one" / "s.ome_cells.csv").read_text() == (tmp_path / "dask" / "s.ome_cells.csv").read_text()
     one = read_labels(tmp_path / "one" / "s.ome_labels.ome.zarr")
     dask = read_labels(tmp_path / "dask" / "s.ome_labels.ome.tif")
@@ -71,8 +100,9 @@ def test_dask_local_cluster_gives_the_single_process_labels(tiny_export, slide, 
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
-        assert run(slide, "--out", tmp_path / "addr", *common, "--dask", cluster.scheduler_address,
-                   "--table", "csv") == 0
+        assert (
+            run(slide, "--out", tmp_path / "addr", *common, "--dask", cluster.scheduler_address, "--table", "csv") == 0
+        )
     np.testing.assert_array_equal(read_labels(tmp_path / "addr" / "s.ome_labels.ome.zarr"), one)
     assert (tmp_path / "addr" / "s.ome_cells.csv").read_text() == (tmp_path / "one" / "s.ome_cells.csv").read_text()
     # a second run skips the finished slide
@@ -85,8 +115,21 @@ def test_dask_reports_a_bad_tile_and_keeps_the_rest(tiny_export, tmp_path, capsy
     img = s.image(0, 560, 0, 620).astype(np.float32)
     img[20:40, 20:40] = np.nan  # inside the first tile only
     np.save(tmp_path / "bad.npy", img)
-    rc = run(tmp_path / "bad.npy", "--out", tmp_path / "out", "--model", tiny_export, "--tile-size", "384",
-             "--overlap", "64", "--dask-local", "2", "--boxes", box_file(s, tmp_path / "boxes.json"))
+    rc = run(
+        tmp_path / "bad.npy",
+        "--out",
+        tmp_path / "out",
+        "--model",
+        tiny_export,
+        "--tile-size",
+        "384",
+        "--overlap",
+        "64",
+        "--dask-local",
+        "2",
+        "--boxes",
+        box_file(s, tmp_path / "boxes.json"),
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "bad.npy: tile 0 (rows 0:384, cols 0:384)" in err and "NaN" in err
@@ -95,8 +138,19 @@ def test_dask_reports_a_bad_tile_and_keeps_the_rest(tiny_export, tmp_path, capsy
     assert entry["status"] == "error" and [t["tile"] for t in entry["slide"]["failed_tiles"]] == [0]
     assert (tmp_path / "out" / ".bad_labels.ome.zarr.work").is_dir()  # the next run redoes tile 0 only
     # the other tiles are there, as in a single-process run of the same slide
-    rc = run(tmp_path / "bad.npy", "--out", tmp_path / "one", "--model", tiny_export, "--tile-size", "384",
-             "--overlap", "64", "--boxes", tmp_path / "boxes.json")
+    rc = run(
+        tmp_path / "bad.npy",
+        "--out",
+        tmp_path / "one",
+        "--model",
+        tiny_export,
+        "--tile-size",
+        "384",
+        "--overlap",
+        "64",
+        "--boxes",
+        tmp_path / "boxes.json",
+    )
     assert rc == 1
     one = json.loads((tmp_path / "one" / "run_summary.json").read_text())["files"][0]
     assert one["slide"]["failed_tiles"] == entry["slide"]["failed_tiles"]
@@ -107,15 +161,18 @@ def test_dask_reports_a_bad_tile_and_keeps_the_rest(tiny_export, tmp_path, capsy
 
 def test_scale_from_pixel_sizes(slide):
     """--target-pixel-size resamples by the file's pixel size (0.5 um here): tiles of 2x the pixels."""
-    args = cli.build_parser().parse_args(["run", str(slide), "--out", "x", "--tile-size", "512",
-                                          "--target-pixel-size", "1.0"])
+    args = cli.build_parser().parse_args(
+        ["run", str(slide), "--out", "x", "--tile-size", "512", "--target-pixel-size", "1.0"]
+    )
     src = open_slide(slide)
     t = cli._tile_settings(args, src)
     assert t.scale == 0.5 and t.tile_size == 512
     from cellsam_trt.slide.grid import TileGrid
 
     assert TileGrid(src.height, src.width, t).tile == 1024
-    args = cli.build_parser().parse_args(["run", "a.npy", "--out", "x", "--tile-size", "512", "--target-pixel-size", "1"])
+    args = cli.build_parser().parse_args(
+        ["run", "a.npy", "--out", "x", "--tile-size", "512", "--target-pixel-size", "1"]
+    )
     with pytest.raises(ValueError, match="states no pixel size"):
         cli._tile_settings(args, _no_pixel_size())
 
@@ -163,11 +220,13 @@ def test_dask_retries_failed_tiles(slide, tmp_path):
     tiles = TileSettings(tile_size=256, overlap=48)
     ref = segment_slide(src, ThresholdSegmenter(s.threshold()), SlideOutput(tmp_path / "ref.ome.zarr"), tiles)
     with local_cluster(2) as cluster, Client(cluster) as client:
-        no_retry = segment_slide_dask(client, src, FlakyThreshold(s.threshold()), SlideOutput(tmp_path / "a.ome.zarr"),
-                                      tiles, retries=0, batch=2)
+        no_retry = segment_slide_dask(
+            client, src, FlakyThreshold(s.threshold()), SlideOutput(tmp_path / "a.ome.zarr"), tiles, retries=0, batch=2
+        )
         assert 1 <= len(no_retry.failed) <= 2 and "transient worker fault" in no_retry.failed[0][2]
         client.restart()
-        res = segment_slide_dask(client, src, FlakyThreshold(s.threshold()), SlideOutput(tmp_path / "b.ome.zarr"),
-                                 tiles, retries=2, batch=2)
+        res = segment_slide_dask(
+            client, src, FlakyThreshold(s.threshold()), SlideOutput(tmp_path / "b.ome.zarr"), tiles, retries=2, batch=2
+        )
     assert res.ok and res.cells == ref.cells
     np.testing.assert_array_equal(read_labels(tmp_path / "b.ome.zarr"), read_labels(tmp_path / "ref.ome.zarr"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellsam_trt.runtime import specs as S
 from cellsam_trt.model.cellsam import CellSAMConfig
+from cellsam_trt.runtime import specs as S
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,12 @@ def test_split_decoder_specs_chain(specs):
     ctx, cd, dec = specs[S.PROMPT_CONTEXT], specs[S.CONTEXT_DECODER], specs[S.DECODER]
     assert ctx.inputs == dec.inputs[:1]
     assert cd.inputs[:4] == ctx.outputs and cd.inputs[4:] == dec.inputs[1:] and cd.outputs == dec.outputs
-    assert [t.dims("opt") for t in ctx.outputs] == [(1, 4096, 256), (1, 8, 16, 4096), (1, 8, 4096, 16), (1, 8, 4096, 16)]
+    assert [t.dims("opt") for t in ctx.outputs] == [
+        (1, 4096, 256),
+        (1, 8, 16, 4096),
+        (1, 8, 4096, 16),
+        (1, 8, 4096, 16),
+    ]
     assert cd.dynamic_axes() == dec.dynamic_axes()
     tiny = S.specs_for_config(CellSAMConfig.tiny())
     assert tiny[S.PROMPT_CONTEXT].outputs[1].dims("opt")[1] == CellSAMConfig.tiny().sam.decoder_heads
@@ -42,8 +47,10 @@ def test_split_decoder_specs_chain(specs):
 def test_dynamic_axes(specs):
     assert specs[S.ENCODER].dynamic_axes() == {"image": {0: "B"}, "image_embeddings": {0: "B"}}
     assert specs[S.DECODER].dynamic_axes() == {
-        "point_coords": {0: "N", 1: "P"}, "point_labels": {0: "N", 1: "P"},
-        "low_res_masks": {0: "N"}, "iou_predictions": {0: "N"},
+        "point_coords": {0: "N", 1: "P"},
+        "point_labels": {0: "N", 1: "P"},
+        "low_res_masks": {0: "N"},
+        "iou_predictions": {0: "N"},
     }
     assert specs[S.CELLFINDER].dynamic_axes()["pred_boxes"] == {0: "B"}
 
@@ -70,27 +77,49 @@ def test_bad_dim_bounds():
 
 
 def _decoder_feeds(n=3, p=2, emb=(1, 256, 64, 64)):
-    return {"image_embeddings": np.zeros(emb, np.float32), "point_coords": np.zeros((n, p, 2), np.float32),
-            "point_labels": np.zeros((n, p), np.float32)}
+    return {
+        "image_embeddings": np.zeros(emb, np.float32),
+        "point_coords": np.zeros((n, p, 2), np.float32),
+        "point_labels": np.zeros((n, p), np.float32),
+    }
 
 
 def test_check_inputs_accepts_and_resolves(specs):
     assert specs[S.DECODER].check_inputs(_decoder_feeds(5, 3)) == {"N": 5, "P": 3}
 
 
-@pytest.mark.parametrize("mutate, name, match", [
-    (lambda f: f.pop("point_labels"), "point_labels", "missing"),
-    (lambda f: f.update(extra=np.zeros(1, np.float32)), "extra", "unexpected"),
-    (lambda f: f.update(point_labels=np.zeros((3, 2), np.int64)), "point_labels", "dtype int64"),
-    (lambda f: f.update(point_coords=np.zeros((3, 2), np.float32)), "point_coords", "rank 2"),
-    (lambda f: f.update(image_embeddings=np.zeros((1, 256, 32, 32), np.float32)), "image_embeddings", "axis 2 is 32"),
-    (lambda f: f.update(image_embeddings=np.zeros((2, 256, 64, 64), np.float32)), "image_embeddings", "axis 0 is 2"),
-    (lambda f: f.update(point_labels=np.zeros((4, 2), np.float32)), "point_labels", "N = 3"),
-    (lambda f: f.update(point_coords=np.zeros((3, 17, 2), np.float32), point_labels=np.zeros((3, 17), np.float32)),
-     "point_coords", r"outside \[1, 16\]"),
-    (lambda f: f.update(point_coords=np.zeros((0, 2, 2), np.float32), point_labels=np.zeros((0, 2), np.float32)),
-     "point_coords", "outside"),
-])
+@pytest.mark.parametrize(
+    "mutate, name, match",
+    [
+        (lambda f: f.pop("point_labels"), "point_labels", "missing"),
+        (lambda f: f.update(extra=np.zeros(1, np.float32)), "extra", "unexpected"),
+        (lambda f: f.update(point_labels=np.zeros((3, 2), np.int64)), "point_labels", "dtype int64"),
+        (lambda f: f.update(point_coords=np.zeros((3, 2), np.float32)), "point_coords", "rank 2"),
+        (
+            lambda f: f.update(image_embeddings=np.zeros((1, 256, 32, 32), np.float32)),
+            "image_embeddings",
+            "axis 2 is 32",
+        ),
+        (
+            lambda f: f.update(image_embeddings=np.zeros((2, 256, 64, 64), np.float32)),
+            "image_embeddings",
+            "axis 0 is 2",
+        ),
+        (lambda f: f.update(point_labels=np.zeros((4, 2), np.float32)), "point_labels", "N = 3"),
+        (
+            lambda f: f.update(
+                point_coords=np.zeros((3, 17, 2), np.float32), point_labels=np.zeros((3, 17), np.float32)
+            ),
+            "point_coords",
+            r"outside \[1, 16\]",
+        ),
+        (
+            lambda f: f.update(point_coords=np.zeros((0, 2, 2), np.float32), point_labels=np.zeros((0, 2), np.float32)),
+            "point_coords",
+            "outside",
+        ),
+    ],
+)
 def test_check_inputs_names_the_input(specs, mutate, name, match):
     feeds = _decoder_feeds()
     mutate(feeds)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import AUTO_CASES, BOX_CASES, case_boxes, load_golden, record
 from cellsam_trt import labels as label_ops
 from cellsam_trt import pipeline as P
 from cellsam_trt import preprocess as pre
 from cellsam_trt import prompts as prompt_ops
+from conftest import AUTO_CASES, BOX_CASES, case_boxes, load_golden, record
 
 
 @pytest.mark.parametrize("case", BOX_CASES)
@@ -69,8 +69,11 @@ def test_topk_and_dynamic_threshold(reference, case):
     assert np.all(np.diff(scores) <= 0)
 
     def rows(s, c, b):
-        return np.sort(np.concatenate([c[:, None].astype(np.float64), b.astype(np.float64)], 1).view(
-            [("", np.float64)] * 5).ravel())
+        return np.sort(
+            np.concatenate([c[:, None].astype(np.float64), b.astype(np.float64)], 1)
+            .view([("", np.float64)] * 5)
+            .ravel()
+        )
 
     assert np.array_equal(rows(scores, classes, boxes), rows(g["pp_scores"], g["pp_labels"], g["pp_boxes_1024"]))
     centres = prompt_ops.kmeans_1d_centres(g["pp_scores"])

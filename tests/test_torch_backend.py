@@ -167,6 +167,10 @@ def test_chunks_on_device_results_and_empty(tiny_model, embedding):
     assert iou_t.shape == (13,) and iou_t.dtype == torch.float32
     np.testing.assert_array_equal(lr_t.numpy(), lr5)
     np.testing.assert_array_equal(iou_t.numpy(), iou5)
+    for emb_in in (emb, embedding):  # decode_chunks takes an array or a (device) tensor
+        chunks = list(small.decode_chunks(emb_in, boxes=boxes))
+        assert [len(c[1]) for c in chunks] == [5, 5, 3] and all(isinstance(c[0], np.ndarray) for c in chunks)
+        np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), lr5)
     z, zi = small.decode(emb, boxes=np.zeros((0, 4), np.float32))
     assert z.shape == (0, 256, 256) and zi.shape == (0,)
     z, zi = small.decode(embedding, boxes=np.zeros((0, 4), np.float32), on_device=True)
@@ -186,8 +190,9 @@ def test_runners_check_feeds(tiny_model, embedding):
     with pytest.raises(InputSpecError, match="image_embeddings"):
         r.infer_tensors({"image_embeddings": embedding[:, :8], "point_coords": coords, "point_labels": labels})
     with pytest.raises(InputSpecError, match="point_labels"):
-        r.infer_tensors({"image_embeddings": embedding, "point_coords": coords,
-                         "point_labels": torch.from_numpy(labels).long()})
+        r.infer_tensors(
+            {"image_embeddings": embedding, "point_coords": coords, "point_labels": torch.from_numpy(labels).long()}
+        )
     with pytest.raises(InputSpecError, match="image"):
         b.runner(S.ENCODER).infer({"image": np.zeros((1, 3, 512, 512), np.float32)})
 
@@ -260,10 +265,13 @@ def _mask_iou(a, b):
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
-@pytest.mark.parametrize("precision, floor", [
-    ("bf16", 0.9),
-    pytest.param("fp16", 0.95, marks=pytest.mark.slow),  # CPU fp16 convolutions are emulated: ~1 min
-])
+@pytest.mark.parametrize(
+    "precision, floor",
+    [
+        ("bf16", 0.9),
+        pytest.param("fp16", 0.95, marks=pytest.mark.slow),  # CPU fp16 convolutions are emulated: ~1 min
+    ],
+)
 def test_reduced_precision_agrees_with_fp32(tiny_model, precision, floor):
     """BF16 / FP16 (autocast with FP32 islands, SDPA) vs the FP32 reference on box prompts, on
     the CPU (torch runs bf16 and fp16 autocast there): the low-res masks (logits > 0) by IoU per
@@ -282,9 +290,16 @@ def test_reduced_precision_agrees_with_fp32(tiny_model, precision, floor):
     mask_iou = _mask_iou(lr_a, lr_b)
     m = match_instances(lab_a, lab_b, min_area=50)
     m_all = match_instances(lab_a, lab_b)
-    record(f"{precision}_vs_fp32_tiny_cpu", mask_iou_mean=mask_iou.mean(), mask_iou_min=mask_iou.min(),
-           mean_iou=m.mean_iou, frac_matched=m.frac_matched_50, mean_iou_all=m_all.mean_iou,
-           frac_matched_all=m_all.frac_matched_50, iou_pred_maxabs=np.abs(iou_a - iou_b).max())
+    record(
+        f"{precision}_vs_fp32_tiny_cpu",
+        mask_iou_mean=mask_iou.mean(),
+        mask_iou_min=mask_iou.min(),
+        mean_iou=m.mean_iou,
+        frac_matched=m.frac_matched_50,
+        mean_iou_all=m_all.mean_iou,
+        frac_matched_all=m_all.frac_matched_50,
+        iou_pred_maxabs=np.abs(iou_a - iou_b).max(),
+    )
     assert mask_iou.mean() > floor
     assert m.mean_iou > floor and m.frac_matched_50 == 1.0
 
@@ -425,12 +440,19 @@ def test_cuda_reduced_precision_and_graphs(tiny_model, precision, floor):
     # the label maps are at the image's resolution; fragments smaller than half the smallest
     # cell of the image are the random model's, decided by single pixels whatever the device
     r_min = float((boxes[:, 2] - boxes[:, 0]).min()) / 2
-    min_area = int(np.pi * r_min ** 2 / 2)
+    min_area = int(np.pi * r_min**2 / 2)
     m = match_instances(lab_a, lab_b, min_area=min_area)
     m_all = match_instances(lab_a, lab_b)
     mask_iou = _mask_iou(lr_a, lr_b)
-    record(f"{precision}_vs_fp32_tiny_cuda", min_area=min_area, mask_iou_mean=mask_iou.mean(), mean_iou=m.mean_iou,
-           frac_matched=m.frac_matched_50, mean_iou_all=m_all.mean_iou, frac_matched_all=m_all.frac_matched_50)
+    record(
+        f"{precision}_vs_fp32_tiny_cuda",
+        min_area=min_area,
+        mask_iou_mean=mask_iou.mean(),
+        mean_iou=m.mean_iou,
+        frac_matched=m.frac_matched_50,
+        mean_iou_all=m_all.mean_iou,
+        frac_matched_all=m_all.frac_matched_50,
+    )
     assert mask_iou.mean() > floor
     assert m.mean_iou > floor and m.frac_matched_50 >= 0.9
 

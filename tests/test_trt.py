@@ -19,9 +19,9 @@ import re
 import numpy as np
 import pytest
 
+from cellsam_trt.export import tensorrt_build as TB
 from cellsam_trt.runtime import engine_file as EF
 from cellsam_trt.runtime import specs as S
-from cellsam_trt.export import tensorrt_build as TB
 
 H100 = TB.GpuFacts("NVIDIA H100 80GB HBM3", (9, 0), 80 * TB.GIB)
 T4 = TB.GpuFacts("Tesla T4", (7, 5), 16 * TB.GIB)
@@ -84,15 +84,21 @@ def node_names(tiny_export):
 
 
 def _plan(spec, gpu=H100, tmp="/tmp/engines", **opts):
-    return TB.plan_build(spec, TB.BuildOptions(**opts), gpu, f"/x/{spec.filename}", tmp,
-                         export_info={"adv_mode": True, "has_detector": True})
+    return TB.plan_build(
+        spec,
+        TB.BuildOptions(**opts),
+        gpu,
+        f"/x/{spec.filename}",
+        tmp,
+        export_info={"adv_mode": True, "has_detector": True},
+    )
 
 
 # --------------------------------------------------------------------------- plans
 
 
 def test_profiles_come_from_the_spec(specs):
-    for name, spec in specs.items():
+    for spec in specs.values():
         plan = _plan(spec)
         assert plan.profile == S.profile_shapes(spec)
         for t in spec.inputs:
@@ -169,8 +175,13 @@ def test_fp32_layer_rules_on_real_node_names(tiny_export, node_names):
     attn = "/encoder/blocks.0/attn/MatMul"
     assert attn in node_names[S.ENCODER]
     assert plans[S.ENCODER].layer_precision(attn, "MATRIX_MULTIPLY") is None
-    p = TB.plan_build(S.ModelSpec.from_dict(plans[S.ENCODER].spec.to_dict()), TB.BuildOptions(fp32_attention=True),
-                      H100, "/x/e.onnx", "/tmp/e")
+    p = TB.plan_build(
+        S.ModelSpec.from_dict(plans[S.ENCODER].spec.to_dict()),
+        TB.BuildOptions(fp32_attention=True),
+        H100,
+        "/x/e.onnx",
+        "/tmp/e",
+    )
     assert p.layer_precision(attn, "MATRIX_MULTIPLY") == "fp32"
 
 
@@ -228,10 +239,22 @@ def test_build_command_round_trips_through_the_cli(specs, tmp_path):
 
     from cellsam_trt.export.trt_cli import add_build_parser, options_from_args
 
-    opts = TB.BuildOptions(precision="int8", max_batch=8, opt_batch=2, max_prompts=128, workspace_gib=2.0,
-                           timing_cache="/t.cache", calib_images="/calib", calib_batch=2, calib_max_images=16,
-                           keep_fp32=("foo", "bar"), fp32_attention=True, strict_precision=False, tf32=True,
-                           optimization_level=5)
+    opts = TB.BuildOptions(
+        precision="int8",
+        max_batch=8,
+        opt_batch=2,
+        max_prompts=128,
+        workspace_gib=2.0,
+        timing_cache="/t.cache",
+        calib_images="/calib",
+        calib_batch=2,
+        calib_max_images=16,
+        keep_fp32=("foo", "bar"),
+        fp32_attention=True,
+        strict_precision=False,
+        tf32=True,
+        optimization_level=5,
+    )
     argv = opts.to_argv("/export", "/engines")
     assert argv[:6] == ["cellsam-trt", "build", "--onnx", "/export", "--out", "/engines"]
     parser = argparse.ArgumentParser()
@@ -247,9 +270,13 @@ def test_build_command_round_trips_through_the_cli(specs, tmp_path):
 
 
 def _header(**kw):
-    h = {"model": S.ENCODER, "tensorrt_version": "10.3.0",
-         "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}, "precision": "fp16",
-         "build_command": ["cellsam-trt", "build", "--onnx", "/exp", "--out", "/eng", "--precision", "fp16"]}
+    h = {
+        "model": S.ENCODER,
+        "tensorrt_version": "10.3.0",
+        "gpu": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+        "precision": "fp16",
+        "build_command": ["cellsam-trt", "build", "--onnx", "/exp", "--out", "/eng", "--precision", "fp16"],
+    }
     h.update(kw)
     return h
 
@@ -294,9 +321,18 @@ def test_compatibility_check_says_how_to_rebuild(tmp_path):
     same = EF.RuntimeFacts("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
     EF.check_compatible(h, same)
     cases = [
-        (EF.RuntimeFacts("10.4.0", "NVIDIA H100 80GB HBM3", "9.0"), "built with TensorRT 10.3.0, this machine has TensorRT 10.4.0"),
-        (EF.RuntimeFacts("10.3.0", "NVIDIA L4", "8.9"), "compute capability 9.0.*NVIDIA L4 \\(compute capability 8.9\\)"),
-        (EF.RuntimeFacts("10.3.0", "NVIDIA H100 PCIe", "9.0"), "built on NVIDIA H100 80GB HBM3, this GPU is NVIDIA H100 PCIe"),
+        (
+            EF.RuntimeFacts("10.4.0", "NVIDIA H100 80GB HBM3", "9.0"),
+            "built with TensorRT 10.3.0, this machine has TensorRT 10.4.0",
+        ),
+        (
+            EF.RuntimeFacts("10.3.0", "NVIDIA L4", "8.9"),
+            "compute capability 9.0.*NVIDIA L4 \\(compute capability 8.9\\)",
+        ),
+        (
+            EF.RuntimeFacts("10.3.0", "NVIDIA H100 PCIe", "9.0"),
+            "built on NVIDIA H100 80GB HBM3, this GPU is NVIDIA H100 PCIe",
+        ),
     ]
     for facts, match in cases:
         with pytest.raises(EF.EngineCompatError, match=match) as e:
@@ -430,8 +466,24 @@ def test_cli_dry_run_plans_without_a_gpu(tiny_export, tmp_path, capsys):
     from cellsam_trt.cli import main
 
     out = tmp_path / "engines"
-    rc = main(["build", "--onnx", str(tiny_export), "--out", str(out), "--dry-run", "--gpu-name", "NVIDIA L4",
-               "--compute-capability", "8.9", "--precision", "bf16", "--max-batch", "8"])
+    rc = main(
+        [
+            "build",
+            "--onnx",
+            str(tiny_export),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--gpu-name",
+            "NVIDIA L4",
+            "--compute-capability",
+            "8.9",
+            "--precision",
+            "bf16",
+            "--max-batch",
+            "8",
+        ]
+    )
     assert rc == 0
     plans = json.loads(capsys.readouterr().out)
     assert [p["model"] for p in plans] == list(S.MODEL_NAMES)
@@ -439,13 +491,41 @@ def test_cli_dry_run_plans_without_a_gpu(tiny_export, tmp_path, capsys):
     assert plans[0]["profile"]["image"]["max"] == [8, 3, 1024, 1024]
     assert plans[0]["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9", "total_memory": 16 * TB.GIB}
     assert not out.exists()  # a dry run writes nothing
-    rc = main(["build", "--onnx", str(tiny_export), "--out", str(out), "--dry-run", "--gpu-name", "Tesla T4",
-               "--compute-capability", "7.5", "--precision", "bf16"])
+    rc = main(
+        [
+            "build",
+            "--onnx",
+            str(tiny_export),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--gpu-name",
+            "Tesla T4",
+            "--compute-capability",
+            "7.5",
+            "--precision",
+            "bf16",
+        ]
+    )
     assert rc == 2 and "bf16 needs compute capability" in capsys.readouterr().err
-    rc = main(["build", "--onnx", str(tiny_export), "--out", str(out), "--gpu-name", "X", "--compute-capability", "8.0"])
+    rc = main(
+        ["build", "--onnx", str(tiny_export), "--out", str(out), "--gpu-name", "X", "--compute-capability", "8.0"]
+    )
     assert rc == 2 and "only valid with --dry-run" in capsys.readouterr().err
-    rc = main(["build", "--onnx", str(tmp_path), "--out", str(out), "--dry-run", "--gpu-name", "X",
-               "--compute-capability", "8.0"])
+    rc = main(
+        [
+            "build",
+            "--onnx",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--dry-run",
+            "--gpu-name",
+            "X",
+            "--compute-capability",
+            "8.0",
+        ]
+    )
     assert rc == 2 and "not an export directory" in capsys.readouterr().err
 
 
@@ -485,8 +565,9 @@ def test_tiny_engines_match_torch(tiny_export, tmp_path, precision):
     from cellsam_trt.model.synthetic import synthetic_state_dict
 
     out = tmp_path / "engines"
-    TB.build_export(tiny_export, out, TB.BuildOptions(precision=precision, max_batch=2, max_prompts=16,
-                                                      workspace_gib=1))
+    TB.build_export(
+        tiny_export, out, TB.BuildOptions(precision=precision, max_batch=2, max_prompts=16, workspace_gib=1)
+    )
     cfg = CellSAMConfig.tiny()
     model, _ = load_state_dict(synthetic_state_dict(0, cfg), cfg=cfg)
     ref = TorchBackend(model)
@@ -513,8 +594,9 @@ def test_tiny_engines_match_torch(tiny_export, tmp_path, precision):
 
 @needs_trt
 def test_entropy_calibrator_subclass_delegates(tmp_path):
-    calib = TB.make_entropy_calibrator(TB.CalibratorCore(iter([]), "image", (1, 3, 8, 8), lambda b: 0,
-                                                         tmp_path / "c.calib"))
+    calib = TB.make_entropy_calibrator(
+        TB.CalibratorCore(iter([]), "image", (1, 3, 8, 8), lambda b: 0, tmp_path / "c.calib")
+    )
     import tensorrt as trt
 
     assert isinstance(calib, trt.IInt8EntropyCalibrator2)

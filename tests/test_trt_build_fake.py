@@ -16,15 +16,22 @@ import types
 import numpy as np
 import pytest
 
+from cellsam_trt.export import tensorrt_build as TB
 from cellsam_trt.runtime import engine_file as EF
 from cellsam_trt.runtime import specs as S
-from cellsam_trt.export import tensorrt_build as TB
 from test_trt import tiny_export  # noqa: F401  (module-scoped fixture: a real tiny export)
 from test_trt_runtime_fake import GPU, FakeCudart
 
-ONNX_TO_LAYER_TYPE = {"LayerNormalization": "NORMALIZATION", "InstanceNormalization": "NORMALIZATION",
-                      "Softmax": "SOFTMAX", "Shape": "SHAPE", "MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY",
-                      "Conv": "CONVOLUTION", "ConvTranspose": "DECONVOLUTION"}
+ONNX_TO_LAYER_TYPE = {
+    "LayerNormalization": "NORMALIZATION",
+    "InstanceNormalization": "NORMALIZATION",
+    "Softmax": "SOFTMAX",
+    "Shape": "SHAPE",
+    "MatMul": "MATRIX_MULTIPLY",
+    "Gemm": "MATRIX_MULTIPLY",
+    "Conv": "CONVOLUTION",
+    "ConvTranspose": "DECONVOLUTION",
+}
 
 
 def make_fake_builder_trt(version="10.3.0"):
@@ -34,8 +41,9 @@ def make_fake_builder_trt(version="10.3.0"):
     trt.__version__ = version
     trt.float32, trt.float16, trt.bfloat16, trt.int64 = "FLOAT", "HALF", "BF16", "INT64"
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in (
-        "FP16", "BF16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")})
+    trt.BuilderFlag = types.SimpleNamespace(
+        **{f: f for f in ("FP16", "BF16", "INT8", "TF32", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS")}
+    )
     trt.log = {}
 
     class Logger:
@@ -191,8 +199,12 @@ def fake_trt(monkeypatch):
     cudart = FakeCudart()
     cuda_pkg, bindings = types.ModuleType("cuda"), types.ModuleType("cuda.bindings")
     bindings.runtime, cuda_pkg.bindings = cudart, bindings
-    for name, mod in (("tensorrt", trt), ("cuda", cuda_pkg), ("cuda.bindings", bindings),
-                      ("cuda.bindings.runtime", cudart)):
+    for name, mod in (
+        ("tensorrt", trt),
+        ("cuda", cuda_pkg),
+        ("cuda.bindings", bindings),
+        ("cuda.bindings.runtime", cudart),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
     return trt, cudart
 
@@ -208,8 +220,11 @@ def test_fp16_build_wiring(fake_trt, tiny_export, tmp_path):  # noqa: F811
         assert cfg.pools == {"WORKSPACE": 2 * TB.GIB} and cfg.builder_optimization_level == 3
         assert cfg.profiles[0].shapes == plan.profile
         pinned = {l.name for l in net.layers if l.precision == "FLOAT"}
-        want = {l.name for l in net.layers if plan.layer_precision(l.name, l.type.name) == "fp32"
-                and l.outputs[0].dtype == "FLOAT"}
+        want = {
+            l.name
+            for l in net.layers
+            if plan.layer_precision(l.name, l.type.name) == "fp32" and l.outputs[0].dtype == "FLOAT"
+        }
         assert pinned == want and pinned
         for l in net.layers:
             if l.name in pinned:
@@ -221,7 +236,10 @@ def test_fp16_build_wiring(fake_trt, tiny_export, tmp_path):  # noqa: F811
         assert blob == b"SERIALIZED-ENGINE"
         assert header["tensorrt_version"] == "10.3.0" and header["gpu"]["name"] == GPU.name
         assert header["fp32_layers"]["counts"]["fp32"] == len(pinned)
-        assert header["onnx_sha256"] == json.loads((tiny_export / "manifest.json").read_text())["models"][plan.model]["sha256"]
+        assert (
+            header["onnx_sha256"]
+            == json.loads((tiny_export / "manifest.json").read_text())["models"][plan.model]["sha256"]
+        )
     # the timing cache is written after each build and fed to the next one
     cache = out / "timing.cache"
     assert cache.read_bytes() == b"+timings" * 3

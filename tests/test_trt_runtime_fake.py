@@ -80,8 +80,9 @@ class FakeCudart(types.ModuleType):
         return 0, b"fake error"
 
     def cudaGetDeviceProperties(self, dev):
-        prop = types.SimpleNamespace(name=GPU.name.encode() + b"\x00\x00", major=8, minor=9,
-                                     totalGlobalMem=GPU.total_memory)
+        prop = types.SimpleNamespace(
+            name=GPU.name.encode() + b"\x00\x00", major=8, minor=9, totalGlobalMem=GPU.total_memory
+        )
         return 0, prop
 
     def cudaSetDevice(self, dev):
@@ -184,8 +185,10 @@ def compute(model: str, ins: dict[str, np.ndarray], spec: S.ModelSpec) -> dict[s
         b = x.shape[0]
         q = spec.outputs[0].shape[1]
         m = x.reshape(b, -1).mean(1)[:, None, None]
-        return {"pred_logits": np.broadcast_to(m, (b, q, 2)).astype(np.float32),
-                "pred_boxes": np.broadcast_to(m * 0 + 0.5, (b, q, 4)).astype(np.float32)}
+        return {
+            "pred_logits": np.broadcast_to(m, (b, q, 2)).astype(np.float32),
+            "pred_boxes": np.broadcast_to(m * 0 + 0.5, (b, q, 4)).astype(np.float32),
+        }
     coords, labels, emb = ins["point_coords"], ins["point_labels"], ins["image_embeddings"]
     lr = (coords[:, 0, 0] + emb.mean())[:, None, None, None] * np.ones((1, 1, 256, 256), np.float32)
     return {"low_res_masks": lr.astype(np.float32), "iou_predictions": labels.sum(1, keepdims=True).astype(np.float32)}
@@ -195,7 +198,13 @@ def make_fake_trt(cudart: FakeCudart):
     trt = types.ModuleType("tensorrt")
     trt.__version__ = TRT_VERSION
     trt.float32, trt.float16, trt.bfloat16, trt.int32, trt.int64, trt.bool = (
-        "FLOAT", "HALF", "BF16", "INT32", "INT64", "BOOL")
+        "FLOAT",
+        "HALF",
+        "BF16",
+        "INT32",
+        "INT64",
+        "BOOL",
+    )
 
     class TensorIOMode:
         INPUT, OUTPUT = "INPUT", "OUTPUT"
@@ -226,8 +235,10 @@ def make_fake_trt(cudart: FakeCudart):
         def _inputs(self, shapes):
             """The bound inputs in the engine's dtypes, computed on as float32."""
             eng = self.engine
-            return {t.name: _read(self.addr[t.name], shapes[t.name], eng.np_dtype(t.name)).astype(np.float32)
-                    for t in eng.spec.inputs}
+            return {
+                t.name: _read(self.addr[t.name], shapes[t.name], eng.np_dtype(t.name)).astype(np.float32)
+                for t in eng.spec.inputs
+            }
 
         def get_tensor_shape(self, name):
             return compute(self.engine.model, self._inputs(self.shapes), self.engine.spec)[name].shape
@@ -316,8 +327,15 @@ def make_engine_dir(out, dtypes: dict[str, dict[str, str]] | None = None):
     opts = TB.BuildOptions(precision="fp16", max_batch=2, max_prompts=16, max_points=4, no_timing_cache=True)
     for m in S.MODEL_NAMES:
         spec = specs[m]
-        plan = TB.plan_build(spec, opts, GPU, f"/exp/{spec.filename}", out, onnx_dir="/exp",
-                             export_info={"adv_mode": True, "has_detector": True})
+        plan = TB.plan_build(
+            spec,
+            opts,
+            GPU,
+            f"/exp/{spec.filename}",
+            out,
+            onnx_dir="/exp",
+            export_info={"adv_mode": True, "has_detector": True},
+        )
         blob = json.dumps({"model": m, "spec": plan.spec.to_dict(), "dtypes": (dtypes or {}).get(m, {})}).encode()
         EF.write_engine_file(plan.engine_path, TB.engine_header(plan, TRT_VERSION, "sha"), blob)
     return out
@@ -432,8 +450,9 @@ def test_a_failed_graph_capture_falls_back_to_enqueues(fakes, engine_dir, monkey
     from cellsam_trt.engine.trt_backend import TrtBackend
 
     cudart, trt = fakes
-    monkeypatch.setattr(cudart, "cudaStreamEndCapture",
-                        lambda stream: (cudart.capturing.pop(int(stream)) and None) or (901, None))
+    monkeypatch.setattr(
+        cudart, "cudaStreamEndCapture", lambda stream: (cudart.capturing.pop(int(stream)) and None) or (901, None)
+    )
     be = TrtBackend(engine_dir)
     x = np.random.default_rng(1).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
     runner = be.runner(S.ENCODER)
@@ -523,8 +542,11 @@ def test_embedding_uploaded_once_across_the_chunks_of_one_decode(fakes, engine_d
     assert uploads()["image_embeddings"] - u2["image_embeddings"] == 1
     np.testing.assert_allclose(lr2[:, 0, 0], boxes[:, 0] + emb.mean(), rtol=1e-5)
     # the runner itself: the same object (and shape) is not uploaded again, an equal copy is
-    feeds = {"image_embeddings": emb, "point_coords": np.zeros((1, 2, 2), np.float32),
-             "point_labels": np.ones((1, 2), np.float32)}
+    feeds = {
+        "image_embeddings": emb,
+        "point_coords": np.zeros((1, 2, 2), np.float32),
+        "point_labels": np.ones((1, 2), np.float32),
+    }
     dec.forget_resident()
     u3 = uploads()["image_embeddings"]
     a = dec.infer(feeds)
@@ -540,8 +562,13 @@ def test_embedding_uploaded_once_across_the_chunks_of_one_decode(fakes, engine_d
 FP16_IO = {
     S.ENCODER: {"image": "HALF", "image_embeddings": "HALF"},
     S.CELLFINDER: {"image": "HALF", "pred_logits": "HALF", "pred_boxes": "HALF"},
-    S.DECODER: {"image_embeddings": "HALF", "point_coords": "HALF", "point_labels": "INT32",
-                "low_res_masks": "HALF", "iou_predictions": "HALF"},
+    S.DECODER: {
+        "image_embeddings": "HALF",
+        "point_coords": "HALF",
+        "point_labels": "INT32",
+        "low_res_masks": "HALF",
+        "iou_predictions": "HALF",
+    },
 }
 
 
@@ -581,8 +608,13 @@ def test_fp16_io_engines_take_cast_inputs_and_give_float32(fakes, tmp_path):
     assert not cudart.blocks
 
 
-@pytest.mark.parametrize("dtype, match", [("BF16", "BF16 at the engine's inputs / outputs; NumPy has no bfloat16"),
-                                          ("FP8", "TensorRT dtype FP8, which this runtime does not stage")])
+@pytest.mark.parametrize(
+    "dtype, match",
+    [
+        ("BF16", "BF16 at the engine's inputs / outputs; NumPy has no bfloat16"),
+        ("FP8", "TensorRT dtype FP8, which this runtime does not stage"),
+    ],
+)
 def test_unstageable_io_dtypes_are_refused(fakes, tmp_path, dtype, match):
     from cellsam_trt.engine.trt_backend import TrtBackend
 

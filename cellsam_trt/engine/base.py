@@ -143,7 +143,7 @@ class Backend:
         name = spec.input_names[0]
         if x.ndim != 4 or x.shape[0] <= max_b:
             return runner.infer({name: x})
-        parts = [runner.infer({name: x[s:s + max_b]}) for s in range(0, x.shape[0], max_b)]
+        parts = [runner.infer({name: x[s : s + max_b]}) for s in range(0, x.shape[0], max_b)]
         return [np.concatenate(p) for p in zip(*parts, strict=True)]
 
     def encode(self, image: np.ndarray) -> np.ndarray:
@@ -166,8 +166,9 @@ class Backend:
             return np.zeros((0, 256, 256), np.float32), np.zeros((0,), np.float32)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def decode_chunks(self, embedding, boxes=None, points=None, point_labels=None,
-                      chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def decode_chunks(
+        self, embedding, boxes=None, points=None, point_labels=None, chunk: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``decode`` as a stream of (logits (n, 256, 256), IoU (n,)) for consecutive chunks of
         at most ``chunk`` prompts (default ``decode_chunk``), in prompt order."""
         coords, labels = prompt_tokens(boxes, points, point_labels)
@@ -175,8 +176,9 @@ class Backend:
         if n == 0:
             return
         emb = np.ascontiguousarray(embedding, dtype=np.float32)
-        self.specs[S.DECODER].check_inputs({"image_embeddings": emb, "point_coords": coords[:1],
-                                            "point_labels": labels[:1]})
+        self.specs[S.DECODER].check_inputs(
+            {"image_embeddings": emb, "point_coords": coords[:1], "point_labels": labels[:1]}
+        )
         if self.split_decoder:
             graph = S.CONTEXT_DECODER
             context = self.runner(S.PROMPT_CONTEXT).infer({"image_embeddings": emb})
@@ -188,7 +190,8 @@ class Backend:
 
         def run(s: int, stream: int | None) -> tuple[np.ndarray, np.ndarray]:
             lr, iou = self.runner(graph, stream).infer(
-                {**base, "point_coords": coords[s:s + step], "point_labels": labels[s:s + step]})
+                {**base, "point_coords": coords[s : s + step], "point_labels": labels[s : s + step]}
+            )
             return lr[:, 0], iou[:, 0]
 
         streams = min(self.decode_streams, len(starts)) if self.split_decoder else 1

@@ -21,8 +21,12 @@ from ..runtime.manifest import read_manifest
 from .base import Backend, BackendError, Runner
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-_ALIASES = {"trt": "TensorrtExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
-            "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+_ALIASES = {
+    "trt": "TensorrtExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -85,8 +89,10 @@ def resolve_providers(requested: str | Sequence[str] = "auto", available: Sequen
     for name in names:
         full = _ALIASES.get(name.lower(), name)
         if full not in available:
-            raise ProviderError(f"execution provider {name!r} is not available in this onnxruntime build "
-                                f"(available: {', '.join(available)})")
+            raise ProviderError(
+                f"execution provider {name!r} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)})"
+            )
         out.append(full)
     if "CPUExecutionProvider" not in out:
         out.append("CPUExecutionProvider")  # fallback for nodes a GPU provider does not take
@@ -102,7 +108,8 @@ def trt_provider_options(spec: S.ModelSpec, cfg: OrtConfig) -> dict:
     max shape of every input, from the spec), FP16 and the engine cache."""
     prof = S.profile_shapes(spec)
     opts = {
-        "device_id": cfg.device_id, "trt_fp16_enable": cfg.trt_fp16,
+        "device_id": cfg.device_id,
+        "trt_fp16_enable": cfg.trt_fp16,
         "trt_profile_min_shapes": ",".join(f"{k}:{_shape_str(v[0])}" for k, v in prof.items()),
         "trt_profile_opt_shapes": ",".join(f"{k}:{_shape_str(v[1])}" for k, v in prof.items()),
         "trt_profile_max_shapes": ",".join(f"{k}:{_shape_str(v[2])}" for k, v in prof.items()),
@@ -138,8 +145,10 @@ class OrtBackend(Backend):
                 raise TypeError(f"unknown OrtBackend option {k!r}")
             setattr(cfg, k, v)
         if cfg.precision not in ("fp32", "int8"):
-            raise BackendError(f"ONNX Runtime runs an export in fp32 or int8, not {cfg.precision!r} "
-                               "(fp16 / bf16: the torch or TensorRT backend)")
+            raise BackendError(
+                f"ONNX Runtime runs an export in fp32 or int8, not {cfg.precision!r} "
+                "(fp16 / bf16: the torch or TensorRT backend)"
+            )
         if cfg.graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {_OPT_LEVELS}, got {cfg.graph_optimization!r}")
         if cfg.decode_chunk < 0:
@@ -156,14 +165,17 @@ class OrtBackend(Backend):
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         self.device = f"cuda:{cfg.device_id}" if self.on_gpu else "cpu"
         if cfg.precision == "int8":
-            missing = [k for k in (S.ENCODER, S.CELLFINDER)
-                       if k in self.specs and "int8" not in self.manifest["models"][k]]
+            missing = [
+                k for k in (S.ENCODER, S.CELLFINDER) if k in self.specs and "int8" not in self.manifest["models"][k]
+            ]
             if missing:
                 raise BackendError(f"{self.model_dir}: no INT8 graphs for {missing} (export with --int8)")
         has_split = all(k in self.specs for k in S.CONTEXT_GRAPHS)
         if cfg.split_decoder and not has_split:
-            raise BackendError(f"{self.model_dir}: the export has no split decoder ({', '.join(S.CONTEXT_GRAPHS)}); "
-                               "export it again with this version")
+            raise BackendError(
+                f"{self.model_dir}: the export has no split decoder ({', '.join(S.CONTEXT_GRAPHS)}); "
+                "export it again with this version"
+            )
         self.split_decoder = has_split and not self.on_gpu if cfg.split_decoder is None else bool(cfg.split_decoder)
         self.decode_chunk = cfg.decode_chunk or (1 if self.split_decoder else 16)
         budget = cfg.threads or _cpu_count()
@@ -210,6 +222,7 @@ class OrtBackend(Backend):
         for k, v in self.config.extra_session_options.items():
             so.add_session_config_entry(k, str(v))
         providers = self._provider_options(graph)
-        session = ort.InferenceSession(str(self._file(graph)), so, providers=[p for p, _ in providers],
-                                       provider_options=[o for _, o in providers])
+        session = ort.InferenceSession(
+            str(self._file(graph)), so, providers=[p for p, _ in providers], provider_options=[o for _, o in providers]
+        )
         return OrtRunner(self.specs[graph], session)

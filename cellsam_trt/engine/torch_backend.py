@@ -64,8 +64,10 @@ from .base import Backend, BackendError, Runner
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-INT8_HINT = ("INT8 runs on the ort backend (an export made with --int8, CPU) or the trt backend "
-             "(engines built with --precision int8)")
+INT8_HINT = (
+    "INT8 runs on the ort backend (an export made with --int8, CPU) or the trt backend "
+    "(engines built with --precision int8)"
+)
 
 
 # --------------------------------------------------------------------------- module patches
@@ -265,8 +267,13 @@ class _GraphedCall:
 # --------------------------------------------------------------------------- runners
 
 
-_NP_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
-              torch.int64: np.int64, torch.int32: np.int32}
+_NP_DTYPES = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+}
 
 
 class _Meta:
@@ -322,12 +329,15 @@ def _resolve_device(device) -> torch.device:
     if dev.type != "cuda":
         raise BackendError(f"torch backend: device {device!r}: use 'cpu' or 'cuda' / 'cuda:N'")
     if not torch.cuda.is_available():
-        raise BackendError(f"torch backend: device {device!r} asked for, but PyTorch {torch.__version__} sees no "
-                           "CUDA device (torch.cuda.is_available() is False); use device='cpu'")
+        raise BackendError(
+            f"torch backend: device {device!r} asked for, but PyTorch {torch.__version__} sees no "
+            "CUDA device (torch.cuda.is_available() is False); use device='cpu'"
+        )
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
-        raise BackendError(f"torch backend: device {device!r} asked for, but there are only "
-                           f"{torch.cuda.device_count()} CUDA device(s)")
+        raise BackendError(
+            f"torch backend: device {device!r} asked for, but there are only {torch.cuda.device_count()} CUDA device(s)"
+        )
     return torch.device("cuda", index)
 
 
@@ -361,9 +371,16 @@ class TorchBackend(Backend):
     name = "torch"
     device_resident = True
 
-    def __init__(self, model: CellSAM, device: str | torch.device = "cpu", precision: str = "fp32",
-                 sdpa: bool | None = None, cuda_graphs: bool = True, decode_chunk: int = 64,
-                 copy_model: bool = True) -> None:
+    def __init__(
+        self,
+        model: CellSAM,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        sdpa: bool | None = None,
+        cuda_graphs: bool = True,
+        decode_chunk: int = 64,
+        copy_model: bool = True,
+    ) -> None:
         self.precision = _resolve_precision(precision)
         self.torch_device = _resolve_device(device)
         self.device = str(self.torch_device)
@@ -371,8 +388,10 @@ class TorchBackend(Backend):
         self.reduced = self.dtype != torch.float32
         on_cuda = self.torch_device.type == "cuda"
         if self.precision == "bf16" and on_cuda and not _bf16_supported(self.torch_device):
-            raise BackendError(f"torch backend: {torch.cuda.get_device_name(self.torch_device)} has no BF16 "
-                               "support; use precision='fp16' (or 'fp32')")
+            raise BackendError(
+                f"torch backend: {torch.cuda.get_device_name(self.torch_device)} has no BF16 "
+                "support; use precision='fp16' (or 'fp32')"
+            )
         if int(decode_chunk) < 1:
             raise ValueError("decode_chunk must be >= 1")
         self.decode_chunk = int(decode_chunk)
@@ -462,7 +481,7 @@ class TorchBackend(Backend):
         runner, name = self.runner(graph), spec.input_names[0]
         if x.ndim != 4 or x.shape[0] <= max_b:
             return runner.infer_tensors({name: x})
-        parts = [runner.infer_tensors({name: x[s:s + max_b]}) for s in range(0, x.shape[0], max_b)]
+        parts = [runner.infer_tensors({name: x[s : s + max_b]}) for s in range(0, x.shape[0], max_b)]
         return [torch.cat(p) for p in zip(*parts, strict=True)]
 
     def encode(self, image, on_device: bool = False):
@@ -473,26 +492,43 @@ class TorchBackend(Backend):
             return emb if on_device else emb.cpu().numpy()
         return super().encode(image)
 
-    def decode(self, embedding, boxes=None, points=None, point_labels=None, on_device: bool = False):
-        """One embedding (1, 256, 64, 64) and N prompts -> low-res logits (N, 256, 256) float32 and
-        IoU predictions (N,) float32 (``engine.base``); tensors on the device with ``on_device``
-        (the embedding may then be a device tensor, e.g. from ``encode(..., on_device=True)``)."""
-        if not (on_device or torch.is_tensor(embedding)):
-            return super().decode(embedding, boxes, points, point_labels)
+    def _tensor_chunks(self, embedding, boxes=None, points=None, point_labels=None, chunk: int | None = None):
+        """The decoder over consecutive chunks of prompts, as device tensors (logits (n, 256, 256),
+        IoU (n,)); the embedding (array or tensor) goes to the device once."""
         coords, labels = prompt_tokens(boxes, points, point_labels)
         n = coords.shape[0]
         if n == 0:
+            return
+        emb = embedding if torch.is_tensor(embedding) else np.ascontiguousarray(embedding, dtype=np.float32)
+        emb = self.to_device(emb)
+        runner = self.runner(S.DECODER)
+        step = min(chunk or self.decode_chunk, self.specs[S.DECODER].dims()["N"].max)
+        for s in range(0, n, step):
+            lr, iou = runner.infer_tensors(
+                {"image_embeddings": emb, "point_coords": coords[s : s + step], "point_labels": labels[s : s + step]}
+            )
+            yield lr[:, 0], iou[:, 0]
+
+    def decode_chunks(self, embedding, boxes=None, points=None, point_labels=None, chunk: int | None = None):
+        """``Backend.decode_chunks``; the embedding may also be a tensor (it stays on the device)."""
+        if not torch.is_tensor(embedding):
+            yield from super().decode_chunks(embedding, boxes, points, point_labels, chunk)
+            return
+        for lr, iou in self._tensor_chunks(embedding, boxes, points, point_labels, chunk):
+            yield lr.cpu().numpy(), iou.cpu().numpy()
+
+    def decode(self, embedding, boxes=None, points=None, point_labels=None, on_device: bool = False):
+        """One embedding (1, 256, 64, 64) and N prompts -> low-res logits (N, 256, 256) float32 and
+        IoU predictions (N,) float32 (``engine.base``); tensors on the device with ``on_device``
+        (the embedding may be a device tensor, e.g. from ``encode(..., on_device=True)``)."""
+        if not (on_device or torch.is_tensor(embedding)):
+            return super().decode(embedding, boxes, points, point_labels)
+        parts = list(self._tensor_chunks(embedding, boxes, points, point_labels))
+        if parts:
+            lr, iou = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        else:
             lr = torch.zeros((0, 256, 256), dtype=torch.float32, device=self.torch_device)
             iou = torch.zeros((0,), dtype=torch.float32, device=self.torch_device)
-        else:
-            emb = embedding if torch.is_tensor(embedding) else np.ascontiguousarray(embedding, dtype=np.float32)
-            emb = self.to_device(emb)
-            runner = self.runner(S.DECODER)
-            step = min(self.decode_chunk, self.specs[S.DECODER].dims()["N"].max)
-            parts = [runner.infer_tensors({"image_embeddings": emb, "point_coords": coords[s:s + step],
-                                           "point_labels": labels[s:s + step]}) for s in range(0, n, step)]
-            lr = torch.cat([p[0][:, 0] for p in parts])
-            iou = torch.cat([p[1][:, 0] for p in parts])
         if on_device:
             return lr, iou
         return lr.cpu().numpy(), iou.cpu().numpy()

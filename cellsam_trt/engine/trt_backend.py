@@ -78,8 +78,13 @@ from ..runtime import specs as S
 from .base import Backend, BackendError, Runner
 
 # TensorRT dtype alias (module attribute of ``tensorrt``) -> NumPy dtype of the same layout
-_TRT_TO_NUMPY = (("float32", np.float32), ("float16", np.float16), ("int32", np.int32),
-                 ("int64", np.int64), ("bool", np.bool_))
+_TRT_TO_NUMPY = (
+    ("float32", np.float32),
+    ("float16", np.float16),
+    ("int32", np.int32),
+    ("int64", np.int64),
+    ("bool", np.bool_),
+)
 
 
 class TrtUnavailable(BackendError):
@@ -145,16 +150,19 @@ def engine_files(engine_dir: str | os.PathLike) -> dict[str, Path]:
     return {m: p for m, p in out.items() if p.is_file()}
 
 
-def check_engine_dir(engine_dir: str | os.PathLike, facts: EF.RuntimeFacts,
-                     strict_gpu_name: bool = True) -> dict[str, dict]:
+def check_engine_dir(
+    engine_dir: str | os.PathLike, facts: EF.RuntimeFacts, strict_gpu_name: bool = True
+) -> dict[str, dict]:
     """Headers of the engines in ``engine_dir``, each checked against ``facts`` (no TensorRT
     needed). Raises EngineCompatError (with the rebuild command) for the first mismatch and
     FileNotFoundError when the image encoder or decoder engine is missing."""
     files = engine_files(engine_dir)
     missing = [m for m in (S.ENCODER, S.DECODER) if m not in files]
     if missing:
-        raise FileNotFoundError(f"{engine_dir}: no {', '.join(EF.engine_path(engine_dir, m).name for m in missing)} "
-                                "(run `cellsam-trt build --onnx EXPORT_DIR --out ENGINE_DIR`)")
+        raise FileNotFoundError(
+            f"{engine_dir}: no {', '.join(EF.engine_path(engine_dir, m).name for m in missing)} "
+            "(run `cellsam-trt build --onnx EXPORT_DIR --out ENGINE_DIR`)"
+        )
     headers = {}
     for m, path in files.items():
         h = EF.read_header(path)
@@ -172,10 +180,13 @@ def numpy_dtype(trt, trt_dtype, where: str = "tensor") -> np.dtype:
         if hasattr(trt, alias) and trt_dtype == getattr(trt, alias):
             return np.dtype(np_type)
     if hasattr(trt, "bfloat16") and trt_dtype == trt.bfloat16:
-        raise EF.EngineFileError(f"{where} is BF16 at the engine's inputs / outputs; NumPy has no bfloat16, so "
-                                 "this runtime cannot stage it (build the engine with FP32 or FP16 I/O)")
-    raise EF.EngineFileError(f"{where} has TensorRT dtype {trt_dtype}, which this runtime does not stage "
-                             "(FLOAT, HALF, INT32, INT64 or BOOL)")
+        raise EF.EngineFileError(
+            f"{where} is BF16 at the engine's inputs / outputs; NumPy has no bfloat16, so "
+            "this runtime cannot stage it (build the engine with FP32 or FP16 I/O)"
+        )
+    raise EF.EngineFileError(
+        f"{where} has TensorRT dtype {trt_dtype}, which this runtime does not stage (FLOAT, HALF, INT32, INT64 or BOOL)"
+    )
 
 
 class HostDeviceBuffer:
@@ -218,22 +229,30 @@ class HostDeviceBuffer:
         """Stage ``array`` (cast to ``dtype``) in pinned memory and enqueue its host->device
         copy on ``stream``."""
         n = self._stage(array)
-        _check(self.cudart.cudaMemcpyAsync(self.device, self.host, n,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
-               "cudaMemcpyAsync(H2D)")
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                self.device, self.host, n, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+            ),
+            "cudaMemcpyAsync(H2D)",
+        )
 
     def download(self, shape, stream) -> None:
         """Enqueue the device->host copy of the first prod(shape) elements on ``stream``."""
         n = int(np.prod(shape)) * self.dtype.itemsize
-        _check(self.cudart.cudaMemcpyAsync(self.host, self.device, n,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
-               "cudaMemcpyAsync(D2H)")
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                self.host, self.device, n, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream
+            ),
+            "cudaMemcpyAsync(D2H)",
+        )
 
     def upload_sync(self, array: np.ndarray) -> int:
         """Synchronous upload (the INT8 calibrator); returns the device address."""
         n = self._stage(array)
-        _check(self.cudart.cudaMemcpy(self.device, self.host, n,
-                                      self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy(H2D)")
+        _check(
+            self.cudart.cudaMemcpy(self.device, self.host, n, self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice),
+            "cudaMemcpy(H2D)",
+        )
         return self.device
 
     def free(self) -> None:
@@ -263,8 +282,16 @@ class TrtRunner(Runner):
     reference to that array until then.
     """
 
-    def __init__(self, spec: S.ModelSpec, trt, engine, path: str | os.PathLike, device_id: int = 0,
-                 graph_shapes=(), resident_input: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: S.ModelSpec,
+        trt,
+        engine,
+        path: str | os.PathLike,
+        device_id: int = 0,
+        graph_shapes=(),
+        resident_input: str | None = None,
+    ) -> None:
         super().__init__(spec)
         self.cudart = _cudart()
         self.trt, self.engine, self.path, self.device_id = trt, engine, Path(path), device_id
@@ -281,10 +308,12 @@ class TrtRunner(Runner):
             self.context = engine.create_execution_context()
             if self.context is None:
                 raise TrtUnavailable(f"{path}: could not create an execution context (out of GPU memory?)")
-            self.stream = _check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking),
-                                 "cudaStreamCreateWithFlags")
-            self.done = _check(self.cudart.cudaEventCreateWithFlags(self.cudart.cudaEventDisableTiming),
-                               "cudaEventCreateWithFlags")
+            self.stream = _check(
+                self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking), "cudaStreamCreateWithFlags"
+            )
+            self.done = _check(
+                self.cudart.cudaEventCreateWithFlags(self.cudart.cudaEventDisableTiming), "cudaEventCreateWithFlags"
+            )
             for t in spec.inputs + spec.outputs:
                 self.buffers[t.name] = HostDeviceBuffer(t.dims("max"), self.dtypes[t.name])
                 if not self.context.set_tensor_address(t.name, self.buffers[t.name].device):
@@ -301,13 +330,17 @@ class TrtRunner(Runner):
         inputs = [n for n in names if eng.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if sorted(inputs) != sorted(self.spec.input_names) or sorted(outputs) != sorted(self.spec.output_names):
-            raise EF.EngineFileError(f"{self.path}: engine I/O {inputs} -> {outputs} does not match its spec "
-                                     f"{self.spec.input_names} -> {self.spec.output_names}")
+            raise EF.EngineFileError(
+                f"{self.path}: engine I/O {inputs} -> {outputs} does not match its spec "
+                f"{self.spec.input_names} -> {self.spec.output_names}"
+            )
         for t in self.spec.inputs:
             mn, op, mx = (tuple(s) for s in eng.get_tensor_profile_shape(t.name, 0))
             if mn != t.dims("min") or mx != t.dims("max"):
-                raise EF.EngineFileError(f"{self.path}: profile of {t.name!r} is {mn}..{mx}, the header spec says "
-                                         f"{t.dims('min')}..{t.dims('max')}")
+                raise EF.EngineFileError(
+                    f"{self.path}: profile of {t.name!r} is {mn}..{mx}, the header spec says "
+                    f"{t.dims('min')}..{t.dims('max')}"
+                )
         return {n: numpy_dtype(trt, eng.get_tensor_dtype(n), f"{self.path}: tensor {n!r}") for n in names}
 
     def forget_resident(self) -> None:
@@ -362,9 +395,12 @@ class TrtRunner(Runner):
         runner on ordinary enqueues."""
         cudart = self.cudart
         try:
-            _check(cudart.cudaStreamBeginCapture(self.stream,
-                                                 cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
-                   "cudaStreamBeginCapture")
+            _check(
+                cudart.cudaStreamBeginCapture(
+                    self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+                ),
+                "cudaStreamBeginCapture",
+            )
         except CudaError:
             return
         ok = False
@@ -420,8 +456,14 @@ class TrtBackend(Backend):
 
     name = "trt"
 
-    def __init__(self, engine_dir: str | os.PathLike, device_id: int = 0, decode_chunk: int | None = None,
-                 cuda_graphs: bool = True, strict_gpu_name: bool = True) -> None:
+    def __init__(
+        self,
+        engine_dir: str | os.PathLike,
+        device_id: int = 0,
+        decode_chunk: int | None = None,
+        cuda_graphs: bool = True,
+        strict_gpu_name: bool = True,
+    ) -> None:
         try:
             import tensorrt as trt
         except ImportError as e:
@@ -454,8 +496,9 @@ class TrtBackend(Backend):
         _set_device(self.device_id)  # the engine goes to the calling thread's current device
         engine = self._runtime.deserialize_cuda_engine(blob)
         if engine is None:
-            raise EF.EngineCompatError(str(path), ["TensorRT could not deserialize the engine"],
-                                       EF.rebuild_command(header, path))
+            raise EF.EngineCompatError(
+                str(path), ["TensorRT could not deserialize the engine"], EF.rebuild_command(header, path)
+            )
         spec = self.specs[graph]
         graph_shapes = set()
         if self._cuda_graphs and graph in (S.ENCODER, S.CELLFINDER):

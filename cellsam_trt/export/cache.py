@@ -14,8 +14,13 @@ from ..runtime.manifest import FORMAT_VERSION, MANIFEST
 from .onnx_export import export_model
 
 
-def export_on_the_fly(checkpoint: str | os.PathLike, cache: str | os.PathLike | None = None, threads: int = 0,
-                      synthetic_seed: int | None = None, log: Callable[[str], None] | None = None) -> Path:
+def export_on_the_fly(
+    checkpoint: str | os.PathLike,
+    cache: str | os.PathLike | None = None,
+    threads: int = 0,
+    synthetic_seed: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """The export directory of a checkpoint file (FP32 graphs, validated at batch 1 and 1 / 5
     prompts), made once under ``cache`` (default ``~/.cache/cellsam-trt/exports``)/<sha256
     prefix>-v<export format>; concurrent callers each export to a temporary folder and the
@@ -32,9 +37,16 @@ def export_on_the_fly(checkpoint: str | os.PathLike, cache: str | os.PathLike | 
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{sha[:16]}."))
     try:
         ck = load_checkpoint(path)
-        export_model(ck.model, tmp, checkpoint_sha256=sha, checkpoint_path=str(path.resolve()),
-                     synthetic_seed=synthetic_seed, image_batches=(1,), decoder_prompts=(1, 5),
-                     threads=threads)
+        export_model(
+            ck.model,
+            tmp,
+            checkpoint_sha256=sha,
+            checkpoint_path=str(path.resolve()),
+            synthetic_seed=synthetic_seed,
+            image_batches=(1,),
+            decoder_prompts=(1, 5),
+            threads=threads,
+        )
         try:
             os.replace(tmp, dest)
         except OSError:  # another process finished first

@@ -17,8 +17,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-seed", type=int, default=0, help="use the synthetic checkpoint of this seed")
     p.add_argument("--out", required=True, help="export directory (created; existing graphs are replaced)")
     p.add_argument("--int8", action="store_true", help="also write dynamic-INT8 image encoder and CellFinder (CPU)")
-    p.add_argument("--int8-scope", choices=("mlp", "all"), default="mlp",
-                   help="MatMuls to quantize: the ViT MLPs (closer to FP32) or all weight MatMuls (faster)")
+    p.add_argument(
+        "--int8-scope",
+        choices=("mlp", "all"),
+        default="mlp",
+        help="MatMuls to quantize: the ViT MLPs (closer to FP32) or all weight MatMuls (faster)",
+    )
     p.add_argument("--validate-batches", default="1,2", help="batch sizes the image graphs are checked at")
     p.add_argument("--validate-prompts", default="1,37", help="prompt counts the decoder is checked at")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = library default)")
@@ -30,7 +34,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise SystemExit(f"cellsam-trt export: {what} must be comma-separated integers, got {text!r}")
+        raise SystemExit(f"cellsam-trt export: {what} must be comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise SystemExit(f"cellsam-trt export: {what} must be positive integers, got {text!r}")
     return values
@@ -40,7 +44,7 @@ def cmd_export(args) -> int:
     try:
         import torch
     except ImportError:
-        raise SystemExit("cellsam-trt export: needs PyTorch and onnx (pip install torch, then '.[export,ort]')")
+        raise SystemExit("cellsam-trt export: needs PyTorch and onnx (pip install 'cellsam-trt[export]')") from None
     from ..model.checkpoint import CheckpointError, load_checkpoint, sha256_file
     from ..model.synthetic import synthetic_checkpoint
     from .onnx_export import ExportError, export_model
@@ -62,16 +66,23 @@ def cmd_export(args) -> int:
     sha = sha256_file(path)
     try:
         manifest = export_model(
-            ck.model, args.out, checkpoint_sha256=sha, checkpoint_path=str(Path(path).resolve()),
-            synthetic_seed=seed, image_batches=_ints(args.validate_batches, "--validate-batches"),
-            decoder_prompts=_ints(args.validate_prompts, "--validate-prompts"), int8=args.int8,
+            ck.model,
+            args.out,
+            checkpoint_sha256=sha,
+            checkpoint_path=str(Path(path).resolve()),
+            synthetic_seed=seed,
+            image_batches=_ints(args.validate_batches, "--validate-batches"),
+            decoder_prompts=_ints(args.validate_prompts, "--validate-prompts"),
+            int8=args.int8,
             int8_scope=args.int8_scope,
-            threads=args.threads, log=lambda m: print(m, file=sys.stderr),
+            threads=args.threads,
+            log=lambda m: print(m, file=sys.stderr),
         )
     except (ExportError, ValueError) as e:  # validation, structure, TensorRT compatibility
         print(f"cellsam-trt export: {e}", file=sys.stderr)
         return 1
     files = [e["file"] for e in manifest["models"].values()] + [
-        e["int8"]["file"] for e in manifest["models"].values() if "int8" in e]
+        e["int8"]["file"] for e in manifest["models"].values() if "int8" in e
+    ]
     print(f"exported {', '.join(files)} and manifest.json to {args.out}", file=sys.stderr)
     return 0

@@ -29,9 +29,9 @@ import platform
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -41,10 +41,10 @@ from .. import __version__
 from ..model.checkpoint import sha256_file
 from ..runtime import specs as S
 from ..runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from ..runtime.prompt_layout import prompt_tokens
 from .formats import IR_VERSION, OPSET
 from .quantize import quantize_int8
 from .trt_compat import assert_trt_compatible
-from ..runtime.prompt_layout import prompt_tokens
 from .wrappers import CellFinderGraph, ContextDecoderGraph, EncoderGraph, PromptContextGraph, PromptDecoderGraph
 
 DEFAULT_TOL = 1e-4  # max |ort - torch| / max(1, max |torch|) per output
@@ -61,8 +61,10 @@ class ExportValidationError(ExportError):
     def __init__(self, model: str, output: str, case: str, max_abs: float, scaled: float, tol: float) -> None:
         self.model, self.output, self.case = model, output, case
         self.max_abs_diff, self.scaled_diff, self.tol = max_abs, scaled, tol
-        super().__init__(f"{model}: output {output!r} ({case}) differs from PyTorch by {max_abs:.3g} "
-                         f"(scaled {scaled:.3g} > tolerance {tol:.3g})")
+        super().__init__(
+            f"{model}: output {output!r} ({case}) differs from PyTorch by {max_abs:.3g} "
+            f"(scaled {scaled:.3g} > tolerance {tol:.3g})"
+        )
 
 
 @dataclass
@@ -97,8 +99,10 @@ def finalize_graph(path: Path, spec: S.ModelSpec, metadata: dict[str, str]) -> d
     names_in = [i.name for i in model.graph.input]
     names_out = [o.name for o in model.graph.output]
     if names_in != spec.input_names or names_out != spec.output_names:
-        raise ExportError(f"{spec.name}: graph I/O {names_in} -> {names_out} does not match the spec "
-                          f"{spec.input_names} -> {spec.output_names}")
+        raise ExportError(
+            f"{spec.name}: graph I/O {names_in} -> {names_out} does not match the spec "
+            f"{spec.input_names} -> {spec.output_names}"
+        )
     try:
         onnx.checker.check_model(model, full_check=False)
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
@@ -116,14 +120,16 @@ def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(ops.items()))
 
 
-def compare_outputs(model: str, names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[np.ndarray],
-                    case: str, tol: float) -> dict[str, float]:
+def compare_outputs(
+    model: str, names: Sequence[str], got: Sequence[np.ndarray], want: Sequence[np.ndarray], case: str, tol: float
+) -> dict[str, float]:
     """Max |got - want| per output; raises ExportValidationError where the scaled diff exceeds tol."""
     out = {}
     for name, a, b in zip(names, got, want):
         if a.shape != b.shape:
-            raise ExportValidationError(model, name, f"{case}: shape {a.shape} vs {b.shape}", float("inf"),
-                                        float("inf"), tol)
+            raise ExportValidationError(
+                model, name, f"{case}: shape {a.shape} vs {b.shape}", float("inf"), float("inf"), tol
+            )
         d = float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
         scaled = d / max(1.0, float(np.abs(b).max()) if b.size else 1.0)
         if not np.isfinite(d) or scaled > tol:
@@ -136,8 +142,15 @@ def _export(module: torch.nn.Module, spec: S.ModelSpec, args: tuple, path: Path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer and deprecation chatter
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=True,
-            input_names=spec.input_names, output_names=spec.output_names, dynamic_axes=spec.dynamic_axes(),
+            module,
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
         )
 
 
@@ -211,8 +224,14 @@ def _decoder_cases(sam, embedding: np.ndarray, counts: Sequence[int], seed: int)
     lab = rng.integers(-1, 2, (n, 3))
     cases.append(case(f"{n} x 3 points", points=pts, labels=lab))
     xy = rng.uniform(0, 900, (n, 2))
-    cases.append(case(f"{n} boxes + 1 point", boxes=np.concatenate([xy, xy + 50], 1), points=pts[:, :1],
-                      labels=np.ones((n, 1), np.int64)))
+    cases.append(
+        case(
+            f"{n} boxes + 1 point",
+            boxes=np.concatenate([xy, xy + 50], 1),
+            points=pts[:, :1],
+            labels=np.ones((n, 1), np.int64),
+        )
+    )
     return cases
 
 
@@ -229,8 +248,13 @@ def _context_decoder_cases(decoder: PromptDecoderGraph, spec: S.ModelSpec, cases
 
 
 def versions() -> dict[str, str | None]:
-    out = {"cellsam_trt": __version__, "python": platform.python_version(), "numpy": np.__version__,
-           "torch": torch.__version__, "onnx": onnx.__version__}
+    out = {
+        "cellsam_trt": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
     try:
         import onnxruntime
 
@@ -284,10 +308,15 @@ def export_model(
         "cellsam_trt.config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "opset": OPSET,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "opset": OPSET,
         "checkpoint": {"sha256": checkpoint_sha256, "path": checkpoint_path, "synthetic_seed": synthetic_seed},
-        "adv_mode": bool(model.adv_mode), "has_detector": S.CELLFINDER in parts,
-        "config": cfg.to_dict(), "versions": versions(), "models": {},
+        "adv_mode": bool(model.adv_mode),
+        "has_detector": S.CELLFINDER in parts,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "models": {},
     }
     results: list[GraphResult] = []
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
@@ -303,14 +332,22 @@ def export_model(
                 cases = _image_cases(graph, image_batches, seed=1)
             elif name == S.DECODER:
                 if embedding is None:
-                    embedding = np.random.default_rng(3).standard_normal((1, cfg.sam.out_chans, cfg.sam.grid_size,
-                                                                          cfg.sam.grid_size)).astype(np.float32)
+                    embedding = (
+                        np.random.default_rng(3)
+                        .standard_normal((1, cfg.sam.out_chans, cfg.sam.grid_size, cfg.sam.grid_size))
+                        .astype(np.float32)
+                    )
                 graph = decoder_graph = PromptDecoderGraph(sam)
                 cases = decoder_cases = _decoder_cases(sam, embedding, decoder_prompts, seed=2)
             elif name == S.PROMPT_CONTEXT:
                 graph = PromptContextGraph(decoder_graph)
-                cases = [Case("embedding", {"image_embeddings": embedding},
-                              lambda g=graph: g(torch.from_numpy(embedding)))]
+                cases = [
+                    Case(
+                        "embedding",
+                        {"image_embeddings": embedding},
+                        lambda g=graph, e=embedding: g(torch.from_numpy(e)),
+                    )
+                ]
             elif name == S.CONTEXT_DECODER:
                 graph = ContextDecoderGraph(decoder_graph)
                 cases = _context_decoder_cases(decoder_graph, spec, decoder_cases)
@@ -320,20 +357,33 @@ def export_model(
             res = export_graph(name, graph, spec, path, cases, meta, tol, threads)
             if name == S.ENCODER:
                 embedding = np.ascontiguousarray(cases[0].expected[0][:1])
-            say(f"  {name}: {sum(res.ops.values())} nodes, max |ORT - torch| "
-                + ", ".join(f"{k} {v:.2g}" for k, v in res.max_abs_diff.items()) + f" ({res.seconds:.0f} s)")
+            say(
+                f"  {name}: {sum(res.ops.values())} nodes, max |ORT - torch| "
+                + ", ".join(f"{k} {v:.2g}" for k, v in res.max_abs_diff.items())
+                + f" ({res.seconds:.0f} s)"
+            )
             results.append(res)
-            entry = {"file": spec.filename, "spec": spec.to_dict(), "ops": res.ops,
-                     "validation": {"max_abs_diff": res.max_abs_diff, "cases": [c.name for c in cases],
-                                    "tolerance_scaled": tol}}
+            entry = {
+                "file": spec.filename,
+                "spec": spec.to_dict(),
+                "ops": res.ops,
+                "validation": {
+                    "max_abs_diff": res.max_abs_diff,
+                    "cases": [c.name for c in cases],
+                    "tolerance_scaled": tol,
+                },
+            }
             if int8 and name in (S.ENCODER, S.CELLFINDER):
                 q_name = spec.filename.replace(".onnx", ".int8.onnx")
                 say(f"  quantizing {name} (dynamic INT8) ...")
                 quantize_int8(path, tmp / q_name, int8_scope)
-                entry["int8"] = {"file": q_name, "scope": int8_scope,
-                                 "method": "onnxruntime quantize_dynamic (MatMul, per-channel QInt8 weights)"}
+                entry["int8"] = {
+                    "file": q_name,
+                    "scope": int8_scope,
+                    "method": "onnxruntime quantize_dynamic (MatMul, per-channel QInt8 weights)",
+                }
             manifest["models"][name] = entry
-        for name, entry in manifest["models"].items():
+        for entry in manifest["models"].values():
             for key in ("file",):
                 src = tmp / entry[key]
                 entry["sha256"] = sha256_file(src)

@@ -60,14 +60,25 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = "
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # its "consider pre-processing" advice, printed every time
         try:
-            quantize_dynamic(src, raw, op_types_to_quantize=["MatMul"], nodes_to_quantize=targets,
-                             per_channel=True, weight_type=QuantType.QInt8)
+            quantize_dynamic(
+                src,
+                raw,
+                op_types_to_quantize=["MatMul"],
+                nodes_to_quantize=targets,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
         finally:
             logging.disable(previous)
         model = onnx.load(str(raw))
     model.ir_version = min(model.ir_version, IR_VERSION)
-    meta.update({"cellsam_trt.precision": "int8", "cellsam_trt.int8_scope": scope,
-                 "cellsam_trt.int8_matmuls": str(len(targets))})
+    meta.update(
+        {
+            "cellsam_trt.precision": "int8",
+            "cellsam_trt.int8_scope": scope,
+            "cellsam_trt.int8_matmuls": str(len(targets)),
+        }
+    )
     del model.metadata_props[:]
     for k, v in sorted(meta.items()):
         model.metadata_props.add(key=k, value=v)

@@ -52,17 +52,17 @@ import datetime as _dt
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .. import __version__, pipeline
 from .. import preprocess as pre
 from ..runtime import engine_file as EF
-from ..runtime.engine_file import GpuFacts
 from ..runtime import specs as S
+from ..runtime.engine_file import GpuFacts
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 GIB = 1 << 30
@@ -94,8 +94,19 @@ ATTENTION_PATTERNS = (
 # pinned to FP16 in an INT8 build.
 INT8_SCOPE = {S.ENCODER: r"^/encoder/(patch_embed|blocks\.)", S.CELLFINDER: r"/backbone/"}
 # Layers whose outputs are not float (shapes, indices) never get a precision constraint.
-NON_COMPUTE_TYPES = ("SHAPE", "CONSTANT", "IDENTITY", "ASSERTION", "CONDITION", "CONDITIONAL_INPUT",
-                     "CONDITIONAL_OUTPUT", "TRIP_LIMIT", "ITERATOR", "LOOP_OUTPUT", "RECURRENCE")
+NON_COMPUTE_TYPES = (
+    "SHAPE",
+    "CONSTANT",
+    "IDENTITY",
+    "ASSERTION",
+    "CONDITION",
+    "CONDITIONAL_INPUT",
+    "CONDITIONAL_OUTPUT",
+    "TRIP_LIMIT",
+    "ITERATOR",
+    "LOOP_OUTPUT",
+    "RECURRENCE",
+)
 
 
 class PlanError(ValueError):
@@ -149,19 +160,29 @@ class BuildOptions:
     def to_argv(self, onnx_dir: str, out_dir: str) -> list[str]:
         """The ``cellsam-trt build`` command line that reproduces these options."""
         argv = ["cellsam-trt", "build", "--onnx", str(onnx_dir), "--out", str(out_dir), "--precision", self.precision]
-        for flag, value in (("--max-batch", self.max_batch), ("--opt-batch", self.opt_batch),
-                            ("--max-prompts", self.max_prompts), ("--opt-prompts", self.opt_prompts),
-                            ("--max-points", self.max_points), ("--workspace-gib", self.workspace_gib),
-                            ("--timing-cache", self.timing_cache), ("--calib-images", self.calib_images),
-                            ("--calib-cache-dir", self.calib_cache_dir)):
+        for flag, value in (
+            ("--max-batch", self.max_batch),
+            ("--opt-batch", self.opt_batch),
+            ("--max-prompts", self.max_prompts),
+            ("--opt-prompts", self.opt_prompts),
+            ("--max-points", self.max_points),
+            ("--workspace-gib", self.workspace_gib),
+            ("--timing-cache", self.timing_cache),
+            ("--calib-images", self.calib_images),
+            ("--calib-cache-dir", self.calib_cache_dir),
+        ):
             if value is not None:
                 argv += [flag, str(value)]
         if self.precision == "int8":
             argv += ["--calib-batch", str(self.calib_batch), "--calib-max-images", str(self.calib_max_images)]
         for p in self.keep_fp32:
             argv += ["--keep-fp32", p]
-        for flag, on in (("--no-timing-cache", self.no_timing_cache), ("--fp32-attention", self.fp32_attention),
-                         ("--prefer-precision", not self.strict_precision), ("--tf32", self.tf32)):
+        for flag, on in (
+            ("--no-timing-cache", self.no_timing_cache),
+            ("--fp32-attention", self.fp32_attention),
+            ("--prefer-precision", not self.strict_precision),
+            ("--tf32", self.tf32),
+        ):
             if on:
                 argv.append(flag)
         if self.optimization_level != 3:
@@ -221,7 +242,7 @@ class BuildPlan:
         object.__setattr__(self, "_scope", re.compile(self.int8_scope) if self.int8_scope else None)
 
     def layer_precision(self, name: str, type_name: str) -> str | None:
-        """"fp32", "fp16" or None (no constraint) for a layer with this name and LayerType name."""
+        """ "fp32", "fp16" or None (no constraint) for a layer with this name and LayerType name."""
         if self.precision == "fp32" or type_name in NON_COMPUTE_TYPES:
             return None
         if name in self.fp32_names or type_name in self.fp32_types or any(p.search(name) for p in self._compiled):
@@ -232,16 +253,25 @@ class BuildPlan:
 
     def to_dict(self) -> dict:
         return {
-            "model": self.model, "onnx_path": self.onnx_path, "engine_path": self.engine_path,
+            "model": self.model,
+            "onnx_path": self.onnx_path,
+            "engine_path": self.engine_path,
             "precision": self.precision,
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in self.profile.items()},
-            "flags": list(self.flags), "clear_flags": list(self.clear_flags),
-            "fp32_patterns": list(self.fp32_patterns), "fp32_types": list(self.fp32_types),
-            "fp32_names": sorted(self.fp32_names), "int8_scope": self.int8_scope,
-            "workspace_bytes": self.workspace_bytes, "timing_cache": self.timing_cache,
+            "flags": list(self.flags),
+            "clear_flags": list(self.clear_flags),
+            "fp32_patterns": list(self.fp32_patterns),
+            "fp32_types": list(self.fp32_types),
+            "fp32_names": sorted(self.fp32_names),
+            "int8_scope": self.int8_scope,
+            "workspace_bytes": self.workspace_bytes,
+            "timing_cache": self.timing_cache,
             "calibration": None if self.calibration is None else asdict(self.calibration),
-            "optimization_level": self.optimization_level, "gpu": self.gpu.to_dict(),
-            "build_command": list(self.build_command), "spec": self.spec.to_dict(), "export": self.export_info,
+            "optimization_level": self.optimization_level,
+            "gpu": self.gpu.to_dict(),
+            "build_command": list(self.build_command),
+            "spec": self.spec.to_dict(),
+            "export": self.export_info,
         }
 
 
@@ -299,7 +329,9 @@ def plan_build(
     if p == "bf16" and not gpu.supports_bf16:
         raise PlanError(f"bf16 needs compute capability >= 8.0; {gpu.name} has {gpu.cc}: use --precision fp16")
     if p in ("fp16", "int8") and not gpu.supports_fast_fp16:
-        raise PlanError(f"{p} needs fast FP16 (compute capability >= 5.3); {gpu.name} has {gpu.cc}: use --precision fp32")
+        raise PlanError(
+            f"{p} needs fast FP16 (compute capability >= 5.3); {gpu.name} has {gpu.cc}: use --precision fp32"
+        )
     if p == "int8" and not gpu.supports_int8:
         raise PlanError(f"int8 needs compute capability >= 6.1; {gpu.name} has {gpu.cc}: use --precision fp16")
     if not 0 <= options.optimization_level <= 5:
@@ -307,9 +339,11 @@ def plan_build(
     export_info = dict(export_info or {})
     out_dir = Path(out_dir)
 
-    bounds = {"B": (None, options.opt_batch, options.max_batch),
-              "N": (None, options.opt_prompts, options.max_prompts),
-              "P": (None, None, options.max_points)}
+    bounds = {
+        "B": (None, options.opt_batch, options.max_batch),
+        "N": (None, options.opt_prompts, options.max_prompts),
+        "P": (None, None, options.max_points),
+    }
     spec = override_dims(spec, bounds)
     profile = S.profile_shapes(spec)
 
@@ -356,12 +390,20 @@ def plan_build(
         cache_dir = Path(options.calib_cache_dir) if options.calib_cache_dir else out_dir
         cache = cache_dir / f"{spec.name}.int8.calib"
         if options.calib_images is None and not cache.is_file():
-            raise PlanError(f"{spec.name}: INT8 needs --calib-images DIR (a folder of representative images) "
-                            f"or an existing calibration cache {cache}")
+            raise PlanError(
+                f"{spec.name}: INT8 needs --calib-images DIR (a folder of representative images) "
+                f"or an existing calibration cache {cache}"
+            )
         shape = (cb,) + tuple(inp.dims("opt")[1:])
-        calibration = CalibrationPlan(inp.name, shape, "sam" if spec.name == S.ENCODER else "cellfinder",
-                                      bool(export_info["adv_mode"]), options.calib_images, str(cache),
-                                      int(options.calib_max_images))
+        calibration = CalibrationPlan(
+            inp.name,
+            shape,
+            "sam" if spec.name == S.ENCODER else "cellfinder",
+            bool(export_info["adv_mode"]),
+            options.calib_images,
+            str(cache),
+            int(options.calib_max_images),
+        )
 
     if options.workspace_gib is not None:
         if options.workspace_gib <= 0:
@@ -374,11 +416,24 @@ def plan_build(
         timing = str(Path(options.timing_cache) if options.timing_cache else out_dir / TIMING_CACHE_NAME)
     argv = options.to_argv(str(onnx_dir if onnx_dir is not None else Path(onnx_path).parent), str(out_dir))
     return BuildPlan(
-        model=spec.name, onnx_path=str(onnx_path), engine_path=str(EF.engine_path(out_dir, spec.name)), spec=spec,
-        precision=precision, profile=profile, flags=tuple(flags), clear_flags=tuple(clear),
-        fp32_patterns=patterns, fp32_types=types, fp32_names=names, int8_scope=scope,
-        workspace_bytes=workspace, timing_cache=timing, calibration=calibration,
-        optimization_level=int(options.optimization_level), gpu=gpu, build_command=tuple(argv),
+        model=spec.name,
+        onnx_path=str(onnx_path),
+        engine_path=str(EF.engine_path(out_dir, spec.name)),
+        spec=spec,
+        precision=precision,
+        profile=profile,
+        flags=tuple(flags),
+        clear_flags=tuple(clear),
+        fp32_patterns=patterns,
+        fp32_types=types,
+        fp32_names=names,
+        int8_scope=scope,
+        workspace_bytes=workspace,
+        timing_cache=timing,
+        calibration=calibration,
+        optimization_level=int(options.optimization_level),
+        gpu=gpu,
+        build_command=tuple(argv),
         export_info=export_info,
     )
 
@@ -397,8 +452,26 @@ def onnx_fp32_nodes(model, name: str) -> set[str]:
     g = model.graph
     producer = {o: n for n in g.node for o in n.output}
     constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    elementwise = {"Add", "Sub", "Mul", "Div", "Unsqueeze", "Reshape", "Slice", "Gather", "Concat", "Cast",
-                   "Transpose", "Expand", "Flatten", "Squeeze", "Pow", "Neg", "Tile", "MatMul"}
+    elementwise = {
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+        "Unsqueeze",
+        "Reshape",
+        "Slice",
+        "Gather",
+        "Concat",
+        "Cast",
+        "Transpose",
+        "Expand",
+        "Flatten",
+        "Squeeze",
+        "Pow",
+        "Neg",
+        "Tile",
+        "MatMul",
+    }
     keep: set[str] = set()
 
     def is_const(t: str) -> bool:
@@ -462,8 +535,11 @@ def plan_export(
     unknown = [m for m in names if m not in entries]
     if unknown:
         raise PlanError(f"{onnx_dir}: the export has no {unknown} graph (has {sorted(entries)})")
-    info = {"adv_mode": bool(manifest["adv_mode"]), "has_detector": bool(manifest.get("has_detector", False)),
-            "config": manifest.get("config")}
+    info = {
+        "adv_mode": bool(manifest["adv_mode"]),
+        "has_detector": bool(manifest.get("has_detector", False)),
+        "config": manifest.get("config"),
+    }
     plans = []
     for m in names:
         entry = entries[m]
@@ -474,25 +550,46 @@ def plan_export(
             import onnx
 
             fp32 = onnx_fp32_nodes(onnx.load(str(path), load_external_data=False), m)
-        plan = plan_build(spec, options, gpu, path, out_dir, onnx_dir=onnx_dir, fp32_names=fp32,
-                          export_info=dict(info, onnx_sha256=entry.get("sha256")))
+        plan = plan_build(
+            spec,
+            options,
+            gpu,
+            path,
+            out_dir,
+            onnx_dir=onnx_dir,
+            fp32_names=fp32,
+            export_info=dict(info, onnx_sha256=entry.get("sha256")),
+        )
         plans.append(plan)
     return plans
 
 
-def engine_header(plan: BuildPlan, tensorrt_version: str, onnx_sha256: str | None, layer_counts: dict | None = None) -> dict:
+def engine_header(
+    plan: BuildPlan, tensorrt_version: str, onnx_sha256: str | None, layer_counts: dict | None = None
+) -> dict:
     """The JSON header of an engine built from ``plan`` (``engine_file`` adds the engine hash)."""
     return {
-        "format": "cellsam-trt-engine", "cellsam_trt": __version__, "model": plan.model,
-        "tensorrt_version": tensorrt_version, "gpu": plan.gpu.to_dict(), "precision": plan.precision,
+        "format": "cellsam-trt-engine",
+        "cellsam_trt": __version__,
+        "model": plan.model,
+        "tensorrt_version": tensorrt_version,
+        "gpu": plan.gpu.to_dict(),
+        "precision": plan.precision,
         "profiles": [{k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in plan.profile.items()}],
-        "fp32_layers": {"patterns": list(plan.fp32_patterns), "types": list(plan.fp32_types),
-                        "names": sorted(plan.fp32_names), "counts": layer_counts or {}},
+        "fp32_layers": {
+            "patterns": list(plan.fp32_patterns),
+            "types": list(plan.fp32_types),
+            "names": sorted(plan.fp32_names),
+            "counts": layer_counts or {},
+        },
         "int8_scope": plan.int8_scope,
         "calibration_cache": plan.calibration.cache_path if plan.calibration else None,
-        "flags": list(plan.flags), "workspace_bytes": plan.workspace_bytes,
-        "onnx_sha256": onnx_sha256, "onnx_dir": str(Path(plan.onnx_path).parent),
-        "spec": plan.spec.to_dict(), "export": {k: v for k, v in plan.export_info.items() if k != "config"},
+        "flags": list(plan.flags),
+        "workspace_bytes": plan.workspace_bytes,
+        "onnx_sha256": onnx_sha256,
+        "onnx_dir": str(Path(plan.onnx_path).parent),
+        "spec": plan.spec.to_dict(),
+        "export": {k: v for k, v in plan.export_info.items() if k != "config"},
         "config": plan.export_info.get("config"),
         "build_command": list(plan.build_command),
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -515,8 +612,9 @@ def calibration_files(image_dir: str | os.PathLike, max_images: int) -> list[Pat
     return files[:max_images]
 
 
-def model_input(image: np.ndarray, branch: str, adv_mode: bool, normalize: bool = True,
-                channel_axis: int | None = None) -> np.ndarray:
+def model_input(
+    image: np.ndarray, branch: str, adv_mode: bool, normalize: bool = True, channel_axis: int | None = None
+) -> np.ndarray:
     """One image -> the (1, 3, 1024, 1024) float32 input of the SAM encoder ("sam") or CellFinder
     ("cellfinder"), prepared by the pipeline's own ``prepare`` stage, as at run time.
     Raises ``preprocess.BlankImageError`` for a blank image on the SAM branch."""
@@ -574,9 +672,15 @@ class CalibratorCore:
       ``write_cache``); when it holds a cache, TensorRT asks for no batches.
     """
 
-    def __init__(self, batches: Iterable[np.ndarray], input_name: str, batch_shape: Sequence[int],
-                 to_device: Callable[[np.ndarray], int], cache_path: str | os.PathLike | None,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        batches: Iterable[np.ndarray],
+        input_name: str,
+        batch_shape: Sequence[int],
+        to_device: Callable[[np.ndarray], int],
+        cache_path: str | os.PathLike | None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self._it = iter(batches)
         self.input_name = input_name
         self.batch_shape = tuple(int(d) for d in batch_shape)
@@ -653,12 +757,15 @@ def _require_trt10():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise BuildError("TensorRT is not installed (pip install 'cellsam-trt[trt]' on a machine with an "
-                         "NVIDIA GPU and driver)") from e
+        raise BuildError(
+            "TensorRT is not installed (pip install 'cellsam-trt[trt]' on a machine with an NVIDIA GPU and driver)"
+        ) from e
     major = int(str(trt.__version__).split(".")[0])
     if major != 10:
-        raise BuildError(f"TensorRT {trt.__version__}: this builder uses the TensorRT 10 weakly-typed API "
-                         "(per-layer precision, FP16/BF16/INT8 builder flags); install TensorRT 10.x")
+        raise BuildError(
+            f"TensorRT {trt.__version__}: this builder uses the TensorRT 10 weakly-typed API "
+            "(per-layer precision, FP16/BF16/INT8 builder flags); install TensorRT 10.x"
+        )
     return trt
 
 
@@ -729,8 +836,14 @@ def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> P
         c = plan.calibration
         staging = HostDeviceBuffer(c.batch_shape, np.float32)
         files = calibration_files(c.image_dir, c.max_images) if c.image_dir else []
-        core = CalibratorCore(calibration_batches(files, c.branch, c.adv_mode, c.batch_shape[0], say),
-                              c.input_name, c.batch_shape, staging.upload_sync, c.cache_path, say)
+        core = CalibratorCore(
+            calibration_batches(files, c.branch, c.adv_mode, c.batch_shape[0], say),
+            c.input_name,
+            c.batch_shape,
+            staging.upload_sync,
+            c.cache_path,
+            say,
+        )
         config.int8_calibrator = make_entropy_calibrator(core)
         calib_profile = builder.create_optimization_profile()
         calib_profile.set_shape(c.input_name, c.batch_shape, c.batch_shape, c.batch_shape)
@@ -750,15 +863,22 @@ def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> P
         tmp = Path(plan.timing_cache + ".tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, plan.timing_cache)
-    header = engine_header(plan, str(trt.__version__), plan.export_info.get("onnx_sha256") or sha256_file(plan.onnx_path),
-                           counts)
+    header = engine_header(
+        plan, str(trt.__version__), plan.export_info.get("onnx_sha256") or sha256_file(plan.onnx_path), counts
+    )
     path = EF.write_engine_file(plan.engine_path, header, serialized)
     say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return path
 
 
-def build_export(onnx_dir, out_dir, options: BuildOptions, models: Sequence[str] | None = None,
-                 device_id: int = 0, log: Callable[[str], None] | None = None) -> list[Path]:
+def build_export(
+    onnx_dir,
+    out_dir,
+    options: BuildOptions,
+    models: Sequence[str] | None = None,
+    device_id: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> list[Path]:
     """Plan and build every engine of an export directory on GPU ``device_id``."""
     from ..engine.trt_backend import query_gpu
 

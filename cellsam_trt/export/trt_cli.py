@@ -21,8 +21,12 @@ from ..runtime import specs as S
 
 def add_build_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``build`` on an ``argparse`` subparsers object; returns the parser."""
-    p = subparsers.add_parser("build", help="build TensorRT engines from an ONNX export directory",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "build",
+        help="build TensorRT engines from an ONNX export directory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--onnx", required=True, help="export directory (cellsam-trt export): manifest.json + *.onnx")
     p.add_argument("--out", required=True, help="where the .engine files, timing cache and calibration caches go")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp16")
@@ -37,11 +41,19 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--workspace-gib", type=float, help="WORKSPACE pool limit (default min(4, GPU memory / 4))")
     g.add_argument("--timing-cache", help="timing cache file (default OUT/timing.cache), reused and updated")
     g.add_argument("--no-timing-cache", action="store_true")
-    g.add_argument("--keep-fp32", action="append", default=[], metavar="REGEX",
-                   help="extra layer-name pattern kept in FP32 (repeatable)")
+    g.add_argument(
+        "--keep-fp32",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="extra layer-name pattern kept in FP32 (repeatable)",
+    )
     g.add_argument("--fp32-attention", action="store_true", help="also keep attention scores in FP32")
-    g.add_argument("--prefer-precision", action="store_true",
-                   help="PREFER instead of OBEY precision constraints (TensorRT may fall back)")
+    g.add_argument(
+        "--prefer-precision",
+        action="store_true",
+        help="PREFER instead of OBEY precision constraints (TensorRT may fall back)",
+    )
     g.add_argument("--tf32", action="store_true", help="allow TF32 in FP32 layers")
     g.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
     g = p.add_argument_group("INT8 calibration (--precision int8)")
@@ -63,12 +75,24 @@ def options_from_args(args):
     from .tensorrt_build import BuildOptions
 
     return BuildOptions(
-        precision=args.precision, max_batch=args.max_batch, opt_batch=args.opt_batch, max_prompts=args.max_prompts,
-        opt_prompts=args.opt_prompts, max_points=args.max_points, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, no_timing_cache=args.no_timing_cache, calib_images=args.calib_images,
-        calib_cache_dir=args.calib_cache_dir, calib_batch=args.calib_batch, calib_max_images=args.calib_max_images,
-        keep_fp32=tuple(args.keep_fp32), fp32_attention=args.fp32_attention,
-        strict_precision=not args.prefer_precision, tf32=args.tf32, optimization_level=args.optimization_level,
+        precision=args.precision,
+        max_batch=args.max_batch,
+        opt_batch=args.opt_batch,
+        max_prompts=args.max_prompts,
+        opt_prompts=args.opt_prompts,
+        max_points=args.max_points,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+        no_timing_cache=args.no_timing_cache,
+        calib_images=args.calib_images,
+        calib_cache_dir=args.calib_cache_dir,
+        calib_batch=args.calib_batch,
+        calib_max_images=args.calib_max_images,
+        keep_fp32=tuple(args.keep_fp32),
+        fp32_attention=args.fp32_attention,
+        strict_precision=not args.prefer_precision,
+        tf32=args.tf32,
+        optimization_level=args.optimization_level,
     )
 
 
@@ -82,14 +106,16 @@ def _gpu_from_args(args):
     try:
         major, minor = (int(x) for x in args.compute_capability.split("."))
     except ValueError:
-        raise SystemExit(f"cellsam-trt build: --compute-capability must look like 8.9, got {args.compute_capability!r}")
+        raise SystemExit(
+            f"cellsam-trt build: --compute-capability must look like 8.9, got {args.compute_capability!r}"
+        ) from None
     return GpuFacts(args.gpu_name, (major, minor), int(args.gpu_memory_gib * GIB))
 
 
 def cmd_build(args) -> int:
-    from .tensorrt_build import BuildError, PlanError, build_export, plan_export
-    from ..runtime.manifest import ManifestError
     from ..runtime.engine_file import EngineCompatError
+    from ..runtime.manifest import ManifestError
+    from .tensorrt_build import BuildError, PlanError, build_export, plan_export
 
     options = options_from_args(args)
     log = lambda m: print(m, file=sys.stderr)
@@ -109,8 +135,10 @@ def cmd_build(args) -> int:
             print(json.dumps(out, indent=1, sort_keys=True))
             return 0
         if gpu is not None:
-            raise SystemExit("cellsam-trt build: --gpu-name plans for another GPU and is only valid with --dry-run "
-                             "(engines are built on the GPU they will run on)")
+            raise SystemExit(
+                "cellsam-trt build: --gpu-name plans for another GPU and is only valid with --dry-run "
+                "(engines are built on the GPU they will run on)"
+            )
         paths = build_export(args.onnx, args.out, options, args.models, args.device, log)
     except (PlanError, BuildError, ManifestError, EngineCompatError, RuntimeError) as e:
         print(f"cellsam-trt build: {e}", file=sys.stderr)

@@ -6,7 +6,8 @@ operator below is supported with the listed data types; INT64 tensors (shape ten
 included) are supported natively since TensorRT 10, so no INT64 -> INT32 rewrite is needed.
 Only operators whose support is documented are listed; anything else is reported.
 
-Checked per node: the operator is supported; every input tensor whose dtype is known (graph inputs/outputs, initializers, shape-inferred value_info) has a dtype listed for
+Checked per node: the operator is supported; every input tensor whose dtype is known (graph
+inputs/outputs, initializers, shape-inferred value_info) has a dtype listed for
 that operator; the documented "must be an initializer / constant" restrictions on ``axes``
 style inputs; and the opset of the default domain.
 """
@@ -26,41 +27,193 @@ B = ("BOOL",)
 
 # operator -> supported tensor dtypes (TensorRT 10 ONNX parser)
 _SUPPORTED: dict[str, tuple[str, ...]] = {
-    **{op: F for op in (
-        "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "AveragePool", "BatchNormalization", "Ceil",
-        "Celu", "Clip", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "Dropout", "Einsum", "Elu",
-        "Erf", "Exp", "Floor", "Gemm", "GlobalAveragePool", "GlobalLpPool", "GlobalMaxPool",
-        "GroupNormalization", "GRU", "HardSigmoid", "HardSwish", "Hardmax", "ImageScaler",
-        "InstanceNormalization", "IsInf", "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax", "LRN",
-        "LSTM", "LpNormalization", "LpPool", "MatMul", "MaxPool", "MeanVarianceNormalization",
-        "ParametricSoftplus", "Pow", "PRelu", "RandomNormal", "RandomNormalLike", "RandomUniform",
-        "RandomUniformLike", "Reciprocal", "Resize", "RNN", "Round", "ScaledTanh", "Scan", "Selu",
-        "Sigmoid", "Sin", "Sinh", "Softmax", "Softplus", "Softsign", "Sqrt", "Tan", "Tanh",
-        "ThresholdedRelu", "Upsample", "GridSample", "RoiAlign", "NonMaxSuppression", "NonZero",
-        "Mish", "DeformConv", "QuantizeLinear")},
-    **{op: F + I for op in (
-        "Abs", "Add", "ArgMax", "ArgMin", "DepthToSpace", "Div", "Equal", "Greater", "GreaterOrEqual",
-        "IsNaN", "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Neg", "Pad", "Range",
-        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-        "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Relu", "Scatter",
-        "ScatterElements", "ScatterND", "Shrink", "Sign", "SpaceToDepth", "Sub", "Sum", "TopK")},
-    **{op: F + I + B for op in (
-        "Concat", "Constant", "ConstantOfShape", "Expand", "EyeLike", "Flatten", "Gather",
-        "GatherElements", "GatherND", "Identity", "If", "Loop", "OneHot", "Reshape", "ReverseSequence",
-        "Shape", "Size", "Slice", "Split", "Squeeze", "Tile", "Transpose", "Trilu", "Unsqueeze",
-        "Where")},
+    **{
+        op: F
+        for op in (
+            "Acos",
+            "Acosh",
+            "Asin",
+            "Asinh",
+            "Atan",
+            "Atanh",
+            "AveragePool",
+            "BatchNormalization",
+            "Ceil",
+            "Celu",
+            "Clip",
+            "Conv",
+            "ConvTranspose",
+            "Cos",
+            "Cosh",
+            "CumSum",
+            "Dropout",
+            "Einsum",
+            "Elu",
+            "Erf",
+            "Exp",
+            "Floor",
+            "Gemm",
+            "GlobalAveragePool",
+            "GlobalLpPool",
+            "GlobalMaxPool",
+            "GroupNormalization",
+            "GRU",
+            "HardSigmoid",
+            "HardSwish",
+            "Hardmax",
+            "ImageScaler",
+            "InstanceNormalization",
+            "IsInf",
+            "LayerNormalization",
+            "LeakyRelu",
+            "Log",
+            "LogSoftmax",
+            "LRN",
+            "LSTM",
+            "LpNormalization",
+            "LpPool",
+            "MatMul",
+            "MaxPool",
+            "MeanVarianceNormalization",
+            "ParametricSoftplus",
+            "Pow",
+            "PRelu",
+            "RandomNormal",
+            "RandomNormalLike",
+            "RandomUniform",
+            "RandomUniformLike",
+            "Reciprocal",
+            "Resize",
+            "RNN",
+            "Round",
+            "ScaledTanh",
+            "Scan",
+            "Selu",
+            "Sigmoid",
+            "Sin",
+            "Sinh",
+            "Softmax",
+            "Softplus",
+            "Softsign",
+            "Sqrt",
+            "Tan",
+            "Tanh",
+            "ThresholdedRelu",
+            "Upsample",
+            "GridSample",
+            "RoiAlign",
+            "NonMaxSuppression",
+            "NonZero",
+            "Mish",
+            "DeformConv",
+            "QuantizeLinear",
+        )
+    },
+    **{
+        op: F + I
+        for op in (
+            "Abs",
+            "Add",
+            "ArgMax",
+            "ArgMin",
+            "DepthToSpace",
+            "Div",
+            "Equal",
+            "Greater",
+            "GreaterOrEqual",
+            "IsNaN",
+            "Less",
+            "LessOrEqual",
+            "Max",
+            "Mean",
+            "Min",
+            "Mod",
+            "Mul",
+            "Neg",
+            "Pad",
+            "Range",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSum",
+            "ReduceSumSquare",
+            "Relu",
+            "Scatter",
+            "ScatterElements",
+            "ScatterND",
+            "Shrink",
+            "Sign",
+            "SpaceToDepth",
+            "Sub",
+            "Sum",
+            "TopK",
+        )
+    },
+    **{
+        op: F + I + B
+        for op in (
+            "Concat",
+            "Constant",
+            "ConstantOfShape",
+            "Expand",
+            "EyeLike",
+            "Flatten",
+            "Gather",
+            "GatherElements",
+            "GatherND",
+            "Identity",
+            "If",
+            "Loop",
+            "OneHot",
+            "Reshape",
+            "ReverseSequence",
+            "Shape",
+            "Size",
+            "Slice",
+            "Split",
+            "Squeeze",
+            "Tile",
+            "Transpose",
+            "Trilu",
+            "Unsqueeze",
+            "Where",
+        )
+    },
     "Cast": F + I + ("UINT8",) + B,
     "CastLike": F + I + ("UINT8",) + B,
     "Gelu": F + I + ("INT8",),
-    "And": B, "Or": B, "Xor": B, "Not": B,
+    "And": B,
+    "Or": B,
+    "Xor": B,
+    "Not": B,
     "DequantizeLinear": ("INT8", "FLOAT8E4M3FN", "INT4") + F,
 }
 
 # inputs that the parser needs as build-time constants: op -> input positions
 _CONST_INPUTS: dict[str, tuple[int, ...]] = {
-    **{op: (1,) for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-                           "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze",
-                           "CumSum")},
+    **{
+        op: (1,)
+        for op in (
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceMax",
+            "ReduceMean",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceSum",
+            "ReduceSumSquare",
+            "Squeeze",
+            "Unsqueeze",
+            "CumSum",
+        )
+    },
     "Slice": (3,),  # axes
     "Pad": (3,),  # axes
 }
@@ -124,12 +277,16 @@ def check_trt_compat(model: onnx.ModelProto) -> CompatReport:
             continue
         for tensor in node.input:  # outputs are checked as the next node's inputs / graph outputs
             if tensor and tensor in dtypes and dtypes[tensor] not in allowed:
-                problems.append(f"node {node.name or node.op_type}: {node.op_type} on {dtypes[tensor]} tensor "
-                                f"{tensor!r} (supported: {', '.join(allowed)})")
+                problems.append(
+                    f"node {node.name or node.op_type}: {node.op_type} on {dtypes[tensor]} tensor "
+                    f"{tensor!r} (supported: {', '.join(allowed)})"
+                )
         for pos in _CONST_INPUTS.get(node.op_type, ()):
             if len(node.input) > pos and node.input[pos] and node.input[pos] not in constants:
-                problems.append(f"node {node.name or node.op_type}: input {pos} of {node.op_type} "
-                                f"({node.input[pos]!r}) must be an initializer or constant")
+                problems.append(
+                    f"node {node.name or node.op_type}: input {pos} of {node.op_type} "
+                    f"({node.input[pos]!r}) must be an initializer or constant"
+                )
     for vi in list(g.input) + list(g.output):
         if dtypes.get(vi.name) not in F + I + B + ("UINT8",):
             problems.append(f"graph tensor {vi.name!r} has dtype {dtypes[vi.name]}")

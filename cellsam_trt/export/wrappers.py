@@ -34,13 +34,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..model.sam import Attention, Sam
-
 from ..runtime.prompt_layout import LABEL_BG, LABEL_BOX_BR, LABEL_BOX_TL, LABEL_FG, LABEL_PAD
 
 
@@ -179,12 +177,23 @@ class PromptDecoderGraph(nn.Module):
         k_img = src + self.image_pe
         t2i, i2t = l1.cross_attn_token_to_image, l1.cross_attn_image_to_token
         h = t2i.num_heads
-        return (src, _heads(t2i.k_proj(k_img), h).transpose(-2, -1), _heads(t2i.v_proj(src), h),
-                _heads(i2t.q_proj(k_img), h))
+        return (
+            src,
+            _heads(t2i.k_proj(k_img), h).transpose(-2, -1),
+            _heads(t2i.v_proj(src), h),
+            _heads(i2t.q_proj(k_img), h),
+        )
 
     # -- prompt side -----------------------------------------------------------------------------
-    def decode_context(self, src: torch.Tensor, t2i_keys: torch.Tensor, t2i_values: torch.Tensor,
-                       i2t_queries: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor):
+    def decode_context(
+        self,
+        src: torch.Tensor,
+        t2i_keys: torch.Tensor,
+        t2i_values: torch.Tensor,
+        i2t_queries: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ):
         """The N prompts of one image given its ``context``: -> low_res_masks (N, 1, 4g, 4g),
         iou_predictions (N, 1)."""
         md = self.md
@@ -216,7 +225,9 @@ class PromptDecoderGraph(nn.Module):
         # only the IoU token (0) and the first mask token (1) are read after the final attention,
         # and it (and its LayerNorm) acts per token: the other T - 2 query rows are not computed
         queries, tokens = queries[:, :2], tokens[:, :2]
-        queries = tr.norm_final_attn(queries + self._t2i(tr.final_attn_token_to_image, queries + tokens, keys + pos, keys))
+        queries = tr.norm_final_attn(
+            queries + self._t2i(tr.final_attn_token_to_image, queries + tokens, keys + pos, keys)
+        )
 
         # upscaling, channel-last 2-D GEMMs (bias fused): (N*HW, C) -> (N*HW*4, C/4) -> (N*HW*16, C/8)
         g = self.grid

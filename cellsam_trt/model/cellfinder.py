@@ -80,7 +80,7 @@ class MultiheadRCDA(nn.Module):
 
     def _proj(self, x: torch.Tensor, i: int) -> torch.Tensor:
         c = self.out_proj.in_features
-        return F.linear(x, self.in_proj_weight[i * c:(i + 1) * c], self.in_proj_bias[i * c:(i + 1) * c])
+        return F.linear(x, self.in_proj_weight[i * c : (i + 1) * c], self.in_proj_bias[i * c : (i + 1) * c])
 
     def forward(self, query_row, query_col, key_row, key_col, value) -> torch.Tensor:
         b, l, c = query_row.shape
@@ -213,12 +213,14 @@ class CellFinder(nn.Module):
         cfg = cfg or CellFinderConfig()
         self.cfg = cfg
         self.backbone = Backbone(cfg.trunk)
-        self.input_proj = nn.ModuleList([
-            nn.Sequential(
-                nn.Conv2d(cfg.trunk.embed_dim, cfg.hidden_dim, kernel_size=1),
-                nn.GroupNorm(cfg.groupnorm_groups, cfg.hidden_dim),
-            )
-        ])
+        self.input_proj = nn.ModuleList(
+            [
+                nn.Sequential(
+                    nn.Conv2d(cfg.trunk.embed_dim, cfg.hidden_dim, kernel_size=1),
+                    nn.GroupNorm(cfg.groupnorm_groups, cfg.hidden_dim),
+                )
+            ]
+        )
         self.transformer = AnchorDetrTransformer(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

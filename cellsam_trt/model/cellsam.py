@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 from .cellfinder import CellFinder, CellFinderConfig
@@ -25,7 +24,7 @@ class CellSAMConfig:
     cellfinder: CellFinderConfig = field(default_factory=CellFinderConfig)
 
     @classmethod
-    def tiny(cls, depth: int = 2, num_queries: int = 64, layers: int = 2) -> "CellSAMConfig":
+    def tiny(cls, depth: int = 2, num_queries: int = 64, layers: int = 2) -> CellSAMConfig:
         """A small stand-in with the same code paths (windowed and global blocks, full decoder,
         1024 input) for fast tests: a narrow 2-block trunk, few queries, 2+2 DETR layers."""
         sam = SamConfig(depth=depth, embed_dim=64, num_heads=2, global_attn_indexes=(depth - 1,))
@@ -36,7 +35,7 @@ class CellSAMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CellSAMConfig":
+    def from_dict(cls, d: dict) -> CellSAMConfig:
         def sam(x: dict) -> SamConfig:
             return SamConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in x.items()})
 

@@ -69,7 +69,7 @@ def to_official_layout(state: dict[str, torch.Tensor], n_layers: int) -> dict[st
         for canon, names in aliases.items():
             if k.startswith(canon):
                 for name in names:
-                    out[name + k[len(canon):]] = v
+                    out[name + k[len(canon) :]] = v
                 break
         else:
             out[k] = v
@@ -86,10 +86,13 @@ def _canonicalise(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
         if m is None:
             out[k] = v
             continue
-        canon = k[: m.start()] + m.group(1) + "." + k[m.end():]
+        canon = k[: m.start()] + m.group(1) + "." + k[m.end() :]
         idx = int(m.group(2))
         if canon in out and not torch.equal(out[canon], v):
-            warnings.warn(f"{source}: aliased head tensors differ for {canon}; using the last alias, as the official model does")
+            warnings.warn(
+                f"{source}: aliased head tensors differ for {canon}; using the last alias, as the official model does",
+                stacklevel=2,
+            )
         if canon not in out or idx >= seen[canon]:
             out[canon], seen[canon] = v, idx
     return out
@@ -98,8 +101,10 @@ def _canonicalise(state: dict[str, torch.Tensor], source: str) -> dict[str, torc
 def _unwrap(obj, source: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{source}: expected a state dict, got {type(obj).__name__}")
-    if "state_dict" in obj and isinstance(obj["state_dict"], dict) and not any(
-        isinstance(k, str) and k.startswith("model.") for k in obj
+    if (
+        "state_dict" in obj
+        and isinstance(obj["state_dict"], dict)
+        and not any(isinstance(k, str) and k.startswith("model.") for k in obj)
     ):
         obj = obj["state_dict"]
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -131,8 +136,15 @@ def _trunk_config(state: dict[str, torch.Tensor], prefix: str) -> SamConfig:
     windowed = [r for r in rel if r.shape[0] != 2 * grid - 1]
     window = (windowed[0].shape[0] + 1) // 2 if windowed else SamConfig.window_size
     patch = state[prefix + "patch_embed.proj.weight"].shape[-1]
-    return SamConfig(img_size=grid * patch, patch_size=patch, embed_dim=dim, depth=depth,
-                     num_heads=dim // rel[0].shape[1], window_size=window, global_attn_indexes=global_idx)
+    return SamConfig(
+        img_size=grid * patch,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=dim // rel[0].shape[1],
+        window_size=window,
+        global_attn_indexes=global_idx,
+    )
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> CellSAMConfig:
@@ -145,7 +157,9 @@ def infer_config(state: dict[str, torch.Tensor]) -> CellSAMConfig:
     if body + "pos_embed" not in state:
         return CellSAMConfig(sam=sam)
     tr = "cellfinder.decode_head.transformer."
-    count = lambda name: 1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(tr + name) + r"\.(\d+)\.", k)))
+    count = lambda name: (
+        1 + max(int(m.group(1)) for k in state if (m := re.match(re.escape(tr + name) + r"\.(\d+)\.", k)))
+    )
     cf = CellFinderConfig(
         trunk=_trunk_config(state, body),
         hidden_dim=state[tr + "pattern.weight"].shape[1],
@@ -177,7 +191,9 @@ def load_state_dict(
         try:
             cfg = infer_config(state)
         except (KeyError, ValueError, IndexError) as e:
-            raise CheckpointError(f"{source}: not a CellSAM or SAM checkpoint (cannot read its architecture: {e})") from e
+            raise CheckpointError(
+                f"{source}: not a CellSAM or SAM checkpoint (cannot read its architecture: {e})"
+            ) from e
     has_cp = any(k.startswith("model_cp.") for k in state)
     model = CellSAM(cfg, with_model_cp=has_cp, with_cellfinder=(kind == "cellsam"))
     own = model.state_dict()

@@ -15,7 +15,7 @@ Shapes use B = images, N = prompts, T = tokens, C = channels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,7 @@ class ViTAttention(nn.Module):
         r_q = q.reshape(b * nh, h, w, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, r_h)
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, r_w)
-        attn = (attn.view(b * nh, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :])
+        attn = attn.view(b * nh, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
         attn = attn.view(b * nh, h * w, h * w).softmax(dim=-1)
         x = (attn @ v).view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
@@ -250,8 +250,12 @@ class PromptEncoder(nn.Module):
         # mask_downscaling exists only so that official checkpoints load strictly: CellSAM never
         # gives SAM a mask prompt.
         self.mask_downscaling = nn.Sequential(
-            nn.Conv2d(1, 4, kernel_size=2, stride=2), LayerNorm2d(4), nn.GELU(),
-            nn.Conv2d(4, 16, kernel_size=2, stride=2), LayerNorm2d(16), nn.GELU(),
+            nn.Conv2d(1, 4, kernel_size=2, stride=2),
+            LayerNorm2d(4),
+            nn.GELU(),
+            nn.Conv2d(4, 16, kernel_size=2, stride=2),
+            LayerNorm2d(16),
+            nn.GELU(),
             nn.Conv2d(16, dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, dim)
@@ -433,9 +437,7 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose2d(dim // 4, dim // 8, kernel_size=2, stride=2),
             nn.GELU(),
         )
-        self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens)
-        )
+        self.output_hypernetworks_mlps = nn.ModuleList(MLP(dim, dim, dim // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(dim, cfg.iou_head_hidden_dim, self.num_mask_tokens, 3)
 
     def forward(

@@ -54,8 +54,11 @@ class EngineCompatError(RuntimeError):
 
     def __init__(self, path: str, problems: list[str], rebuild_command: str) -> None:
         self.path, self.problems, self.rebuild_command = path, problems, rebuild_command
-        super().__init__(f"{path}: cannot be used on this machine: " + "; ".join(problems)
-                         + f". Rebuild it here with:\n  {rebuild_command}")
+        super().__init__(
+            f"{path}: cannot be used on this machine: "
+            + "; ".join(problems)
+            + f". Rebuild it here with:\n  {rebuild_command}"
+        )
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,15 @@ def _read_prefix(f, path) -> int:
         raise EngineFileError(f"{path}: too short to be an engine file ({len(raw)} bytes)")
     magic, version, length = _PREFIX.unpack(raw)
     if magic != MAGIC:
-        raise EngineFileError(f"{path}: not a cellsam-trt engine file (magic {magic!r}); a bare TensorRT plan "
-                              "has no header: rebuild it with `cellsam-trt build`")
+        raise EngineFileError(
+            f"{path}: not a cellsam-trt engine file (magic {magic!r}); a bare TensorRT plan "
+            "has no header: rebuild it with `cellsam-trt build`"
+        )
     if version != CONTAINER_VERSION:
-        raise EngineFileError(f"{path}: engine container version {version}, this cellsam-trt reads version "
-                              f"{CONTAINER_VERSION}: rebuild it with `cellsam-trt build`")
+        raise EngineFileError(
+            f"{path}: engine container version {version}, this cellsam-trt reads version "
+            f"{CONTAINER_VERSION}: rebuild it with `cellsam-trt build`"
+        )
     if length > MAX_HEADER_BYTES:
         raise EngineFileError(f"{path}: header length {length} is implausible (corrupt file)")
     return length
@@ -174,8 +181,7 @@ def rebuild_command(header: dict, path: str | os.PathLike | None = None) -> str:
     onnx_dir = header.get("onnx_dir") or "EXPORT_DIR"
     out_dir = str(Path(path).parent) if path is not None else "ENGINE_DIR"
     precision = header.get("precision", "fp16")
-    return (f"cellsam-trt build --onnx {shlex.quote(str(onnx_dir))} --out {shlex.quote(out_dir)} "
-            f"--precision {precision}")
+    return f"cellsam-trt build --onnx {shlex.quote(str(onnx_dir))} --out {shlex.quote(out_dir)} --precision {precision}"
 
 
 def compatibility_problems(header: dict, facts: RuntimeFacts, strict_gpu_name: bool = True) -> list[str]:
@@ -195,16 +201,21 @@ def compatibility_problems(header: dict, facts: RuntimeFacts, strict_gpu_name: b
     cc = str(gpu.get("compute_capability", "?"))
     name = str(gpu.get("name", "?"))
     if cc != facts.compute_capability:
-        problems.append(f"built for {name} (compute capability {cc}), this GPU is {facts.gpu_name} "
-                        f"(compute capability {facts.compute_capability})")
+        problems.append(
+            f"built for {name} (compute capability {cc}), this GPU is {facts.gpu_name} "
+            f"(compute capability {facts.compute_capability})"
+        )
     elif strict_gpu_name and name != facts.gpu_name:
-        problems.append(f"built on {name}, this GPU is {facts.gpu_name} (same compute capability {cc}; "
-                        "tactics were tuned for the other model)")
+        problems.append(
+            f"built on {name}, this GPU is {facts.gpu_name} (same compute capability {cc}; "
+            "tactics were tuned for the other model)"
+        )
     return problems
 
 
-def check_compatible(header: dict, facts: RuntimeFacts, path: str | os.PathLike = "engine",
-                     strict_gpu_name: bool = True) -> None:
+def check_compatible(
+    header: dict, facts: RuntimeFacts, path: str | os.PathLike = "engine", strict_gpu_name: bool = True
+) -> None:
     """Raise EngineCompatError (with the rebuild command) when the engine cannot run here."""
     problems = compatibility_problems(header, facts, strict_gpu_name)
     if problems:

@@ -31,8 +31,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: invalid JSON: {e}") from e
     if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ManifestError(f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
-                            f"(expected {FORMAT!r} v{' or v'.join(map(str, READABLE_VERSIONS))})")
+        raise ManifestError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('format_version')} "
+            f"(expected {FORMAT!r} v{' or v'.join(map(str, READABLE_VERSIONS))})"
+        )
     for name, entry in manifest.get("models", {}).items():
         for f in [entry["file"]] + ([entry["int8"]["file"]] if "int8" in entry else []):
             if not (Path(model_dir) / f).is_file():

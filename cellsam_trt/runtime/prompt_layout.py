@@ -34,8 +34,11 @@ def prompt_tokens(
     if points is not None:
         pts = np.asarray(points, np.float32)
         n = pts.shape[0]
-        lab = (np.ones(pts.shape[:2], np.float32) if point_labels is None
-               else np.asarray(point_labels, np.float32).reshape(pts.shape[:2]))
+        lab = (
+            np.ones(pts.shape[:2], np.float32)
+            if point_labels is None
+            else np.asarray(point_labels, np.float32).reshape(pts.shape[:2])
+        )
         coords.append(pts)
         labels.append(lab)
         if boxes is None:
@@ -50,5 +53,7 @@ def prompt_tokens(
         labels.append(np.tile(np.array([[LABEL_BOX_TL, LABEL_BOX_BR]], np.float32), (n, 1)))
     if n is None:
         raise ValueError("a prompt needs boxes or points")
-    return (np.ascontiguousarray(np.concatenate(coords, axis=1), dtype=np.float32),
-            np.ascontiguousarray(np.concatenate(labels, axis=1), dtype=np.float32))
+    return (
+        np.ascontiguousarray(np.concatenate(coords, axis=1), dtype=np.float32),
+        np.ascontiguousarray(np.concatenate(labels, axis=1), dtype=np.float32),
+    )

@@ -78,7 +78,9 @@ class Dim:
 
     def __post_init__(self) -> None:
         if not (1 <= self.min <= self.opt <= self.max):
-            raise ValueError(f"dimension {self.name}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}")
+            raise ValueError(
+                f"dimension {self.name}: need 1 <= min <= opt <= max, got {self.min}, {self.opt}, {self.max}"
+            )
 
     def to_dict(self) -> dict:
         return {"name": self.name, "min": self.min, "opt": self.opt, "max": self.max}
@@ -106,8 +108,12 @@ class TensorSpec:
         return tuple(getattr(d, which) if isinstance(d, Dim) else int(d) for d in self.shape)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "doc": self.doc,
-                "shape": [d.to_dict() if isinstance(d, Dim) else int(d) for d in self.shape]}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "doc": self.doc,
+            "shape": [d.to_dict() if isinstance(d, Dim) else int(d) for d in self.shape],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> TensorSpec:
@@ -146,8 +152,11 @@ class ModelSpec:
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export(dynamic_axes=...)``: tensor name -> {axis: dim name}."""
-        return {t.name: {i: d.name for i, d in enumerate(t.shape) if isinstance(d, Dim)}
-                for t in self.inputs + self.outputs if any(isinstance(d, Dim) for d in t.shape)}
+        return {
+            t.name: {i: d.name for i, d in enumerate(t.shape) if isinstance(d, Dim)}
+            for t in self.inputs + self.outputs
+            if any(isinstance(d, Dim) for d in t.shape)
+        }
 
     def example_inputs(self, which: str = "opt") -> dict[str, tuple[int, ...]]:
         return {t.name: t.dims(which) for t in self.inputs}
@@ -174,21 +183,34 @@ class ModelSpec:
                 raise InputSpecError(self.name, t.name, f"dtype {dtype} where {t.dtype} is required")
             shape = tuple(a.shape)
             if len(shape) != len(t.shape):
-                raise InputSpecError(self.name, t.name, f"rank {len(shape)} (shape {shape}) where rank "
-                                                        f"{len(t.shape)} {self.describe_shape(t)} is required")
+                raise InputSpecError(
+                    self.name,
+                    t.name,
+                    f"rank {len(shape)} (shape {shape}) where rank {len(t.shape)} {self.describe_shape(t)} is required",
+                )
             for axis, (got, want) in enumerate(zip(shape, t.shape)):
                 if isinstance(want, Dim):
                     if not want.min <= got <= want.max:
-                        raise InputSpecError(self.name, t.name, f"axis {axis} ({want.name}) is {got}, outside "
-                                                                f"[{want.min}, {want.max}] (shape {shape})")
+                        raise InputSpecError(
+                            self.name,
+                            t.name,
+                            f"axis {axis} ({want.name}) is {got}, outside [{want.min}, {want.max}] (shape {shape})",
+                        )
                     if want.name in bound and bound[want.name][0] != got:
                         other = bound[want.name][1]
-                        raise InputSpecError(self.name, t.name, f"axis {axis} ({want.name}) is {got} but {other!r} "
-                                                                f"has {want.name} = {bound[want.name][0]}")
+                        raise InputSpecError(
+                            self.name,
+                            t.name,
+                            f"axis {axis} ({want.name}) is {got} but {other!r} has {want.name} = {bound[want.name][0]}",
+                        )
                     bound.setdefault(want.name, (got, t.name))
                 elif got != want:
-                    raise InputSpecError(self.name, t.name, f"axis {axis} is {got} where {want} is required "
-                                                            f"(shape {shape}, expected {self.describe_shape(t)})")
+                    raise InputSpecError(
+                        self.name,
+                        t.name,
+                        f"axis {axis} is {got} where {want} is required "
+                        f"(shape {shape}, expected {self.describe_shape(t)})",
+                    )
         return {k: v for k, (v, _) in bound.items()}
 
     @staticmethod
@@ -196,13 +218,23 @@ class ModelSpec:
         return "(" + ", ".join(d.name if isinstance(d, Dim) else str(d) for d in t.shape) + ")"
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "filename": self.filename, "doc": self.doc,
-                "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+        return {
+            "name": self.name,
+            "filename": self.filename,
+            "doc": self.doc,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
-        return cls(d["name"], d["filename"], tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
-                   tuple(TensorSpec.from_dict(x) for x in d["outputs"]), d.get("doc", ""))
+        return cls(
+            d["name"],
+            d["filename"],
+            tuple(TensorSpec.from_dict(x) for x in d["inputs"]),
+            tuple(TensorSpec.from_dict(x) for x in d["outputs"]),
+            d.get("doc", ""),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -233,8 +265,15 @@ class Bounds:
     max_points: int = 16
 
 
-def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_queries: int = 3500,
-                num_classes: int = 2, bounds: Bounds | None = None, heads: int = 8) -> dict[str, ModelSpec]:
+def model_specs(
+    img_size: int = 1024,
+    embed_dim: int = 256,
+    grid: int = 64,
+    num_queries: int = 3500,
+    num_classes: int = 2,
+    bounds: Bounds | None = None,
+    heads: int = 8,
+) -> dict[str, ModelSpec]:
     """The specs of every graph (``MODEL_NAMES`` + ``CONTEXT_GRAPHS``) for a model geometry (the
     defaults are the official CellSAM)."""
     b = bounds or Bounds()
@@ -244,13 +283,15 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
     p = Dim("P", 1, min(2, b.max_points), b.max_points)
     low = 4 * grid
     encoder = ModelSpec(
-        ENCODER, f"{ENCODER}.onnx",
+        ENCODER,
+        f"{ENCODER}.onnx",
         (TensorSpec("image", "float32", (batch, 3, img_size, img_size), "normalised SAM encoder input"),),
         (TensorSpec("image_embeddings", "float32", (batch, embed_dim, grid, grid), "SAM image embedding"),),
         "SAM ViT-B image encoder",
     )
     decoder = ModelSpec(
-        DECODER, f"{DECODER}.onnx",
+        DECODER,
+        f"{DECODER}.onnx",
         (
             TensorSpec("image_embeddings", "float32", (1, embed_dim, grid, grid), "one image's embedding"),
             TensorSpec("point_coords", "float32", (n, p, 2), "XY in the model frame (pixels)"),
@@ -267,18 +308,27 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
         TensorSpec("image_tokens", "float32", (1, hw, embed_dim), "embedding + no-mask embedding, token-major"),
         TensorSpec("t2i_keys", "float32", (1, heads, d, hw), "first layer's token->image key projection, per head"),
         TensorSpec("t2i_values", "float32", (1, heads, hw, d), "first layer's token->image value projection, per head"),
-        TensorSpec("i2t_queries", "float32", (1, heads, hw, d), "first layer's image->token query projection, per head"),
+        TensorSpec(
+            "i2t_queries", "float32", (1, heads, hw, d), "first layer's image->token query projection, per head"
+        ),
     )
     context = ModelSpec(
-        PROMPT_CONTEXT, f"{PROMPT_CONTEXT}.onnx", (decoder.inputs[0],), context_tensors,
+        PROMPT_CONTEXT,
+        f"{PROMPT_CONTEXT}.onnx",
+        (decoder.inputs[0],),
+        context_tensors,
         "per-image part of the prompt decoder (computed once per image)",
     )
     context_decoder = ModelSpec(
-        CONTEXT_DECODER, f"{CONTEXT_DECODER}.onnx", context_tensors + decoder.inputs[1:], decoder.outputs,
+        CONTEXT_DECODER,
+        f"{CONTEXT_DECODER}.onnx",
+        context_tensors + decoder.inputs[1:],
+        decoder.outputs,
         "per-prompt part of the prompt decoder, given the image's prompt_context",
     )
     finder = ModelSpec(
-        CELLFINDER, f"{CELLFINDER}.onnx",
+        CELLFINDER,
+        f"{CELLFINDER}.onnx",
         (TensorSpec("image", "float32", (det_batch, 3, img_size, img_size), "normalised CellFinder input"),),
         (
             TensorSpec("pred_logits", "float32", (det_batch, num_queries, num_classes), "class logits"),
@@ -286,12 +336,23 @@ def model_specs(img_size: int = 1024, embed_dim: int = 256, grid: int = 64, num_
         ),
         "CellFinder (AnchorDETR on a SAM ViT-B trunk)",
     )
-    return {ENCODER: encoder, DECODER: decoder, CELLFINDER: finder,
-            PROMPT_CONTEXT: context, CONTEXT_DECODER: context_decoder}
+    return {
+        ENCODER: encoder,
+        DECODER: decoder,
+        CELLFINDER: finder,
+        PROMPT_CONTEXT: context,
+        CONTEXT_DECODER: context_decoder,
+    }
 
 
 def specs_for_config(cfg, bounds: Bounds | None = None) -> dict[str, ModelSpec]:
     """Specs for a ``CellSAMConfig`` (tiny test models included)."""
-    return model_specs(img_size=cfg.sam.img_size, embed_dim=cfg.sam.out_chans, grid=cfg.sam.grid_size,
-                       num_queries=cfg.cellfinder.num_queries, num_classes=cfg.cellfinder.num_classes,
-                       bounds=bounds, heads=cfg.sam.decoder_heads)
+    return model_specs(
+        img_size=cfg.sam.img_size,
+        embed_dim=cfg.sam.out_chans,
+        grid=cfg.sam.grid_size,
+        num_queries=cfg.cellfinder.num_queries,
+        num_classes=cfg.cellfinder.num_classes,
+        bounds=bounds,
+        heads=cfg.sam.decoder_heads,
+    )

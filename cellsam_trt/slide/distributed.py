@@ -108,8 +108,13 @@ def local_cluster(n_workers: int, threads_per_worker: int = 1):
     """A local Dask cluster on loopback: ``n_workers`` processes (one per GPU, or CPU workers)."""
     from distributed import LocalCluster
 
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                        host="127.0.0.1", dashboard_address=None)
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
 
 
 def segment_slide_dask(
@@ -138,16 +143,30 @@ def segment_slide_dask(
     """
     from distributed import as_completed
 
-    grid, routed, store, channels = prepare_slide(source, output, tiles, boxes, points, point_labels, channels,
-                                                  fingerprint)
+    grid, routed, store, channels = prepare_slide(
+        source, output, tiles, boxes, points, point_labels, channels, fingerprint
+    )
     done = store.done()
     if register_plugin:
         client.register_plugin(make_engine_plugin(spec), name=PLUGIN)
     t0 = time.perf_counter()
     todo = [i for i in range(len(grid)) if i not in done]
-    batches = [todo[k:k + batch] for k in range(0, len(todo), batch)]
-    futures = [client.submit(_segment_task, b, source, store, _subset(routed, b), channels, max_in_flight,
-                             retries=retries, pure=False, key=f"cellsam-tiles-{store.key}-{b[0]}") for b in batches]
+    batches = [todo[k : k + batch] for k in range(0, len(todo), batch)]
+    futures = [
+        client.submit(
+            _segment_task,
+            b,
+            source,
+            store,
+            _subset(routed, b),
+            channels,
+            max_in_flight,
+            retries=retries,
+            pure=False,
+            key=f"cellsam-tiles-{store.key}-{b[0]}",
+        )
+        for b in batches
+    ]
     by_key = {f.key: b for f, b in zip(futures, batches)}
     failed: dict[int, str] = {}
     finished = 0
@@ -155,8 +174,11 @@ def segment_slide_dask(
         b = by_key[fut.key]
         if fut.status == "error":
             exc = fut.exception()
-            errs = exc.args[0] if isinstance(exc, TileBatchError) else [(i, f"{source.name}: tile {i}: "
-                                                                          f"{type(exc).__name__}: {exc}") for i in b]
+            errs = (
+                exc.args[0]
+                if isinstance(exc, TileBatchError)
+                else [(i, f"{source.name}: tile {i}: {type(exc).__name__}: {exc}") for i in b]
+            )
             failed.update(errs)
         else:
             finished += len(fut.result())
@@ -173,8 +195,12 @@ def segment_slide_dask(
         rows = {}
         for c in chunks:
             rows.setdefault(c[0], []).append(c)
-        fs = [client.submit(_write_task, group, store, done_f, offsets_f, lut_f, writer, stats, pure=False,
-                            retries=retries) for group in rows.values()]
+        fs = [
+            client.submit(
+                _write_task, group, store, done_f, offsets_f, lut_f, writer, stats, pure=False, retries=retries
+            )
+            for group in rows.values()
+        ]
         return [p for part in client.gather(fs) for p in part]
 
     result = finish_slide(store, source, output, write=write if output.fmt == "ome-zarr" else None)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..pipeline import box_prompts, point_prompts  # the pipeline's own prompt checks, up front
+
 
 @dataclass(frozen=True)
 class TileSettings:
@@ -140,10 +142,14 @@ class TileGrid:
 
     def cores_in(self, y0: int, y1: int, x0: int, x1: int):
         """Tiles whose cores intersect the region, with the intersection: (tile, (y0, y1, x0, x1))."""
-        rs = range(max(0, int(np.searchsorted(self.ybounds, y0, "right")) - 1),
-                   min(self.rows, int(np.searchsorted(self.ybounds, y1, "left"))))
-        cs = range(max(0, int(np.searchsorted(self.xbounds, x0, "right")) - 1),
-                   min(self.cols, int(np.searchsorted(self.xbounds, x1, "left"))))
+        rs = range(
+            max(0, int(np.searchsorted(self.ybounds, y0, "right")) - 1),
+            min(self.rows, int(np.searchsorted(self.ybounds, y1, "left"))),
+        )
+        cs = range(
+            max(0, int(np.searchsorted(self.xbounds, x0, "right")) - 1),
+            min(self.cols, int(np.searchsorted(self.xbounds, x1, "left"))),
+        )
         for r in rs:
             for c in cs:
                 t = self[r * self.cols + c]
@@ -168,9 +174,18 @@ class TileGrid:
         return self[r * self.cols + c]
 
     def describe(self) -> dict:
-        return {"height": self.height, "width": self.width, "tile": self.tile, "overlap": self.overlap,
-                "rows": self.rows, "cols": self.cols, "tiles": len(self), "scale": self.settings.scale,
-                "tile_size": self.settings.tile_size, "link_iou": self.settings.link_iou}
+        return {
+            "height": self.height,
+            "width": self.width,
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "rows": self.rows,
+            "cols": self.cols,
+            "tiles": len(self),
+            "scale": self.settings.scale,
+            "tile_size": self.settings.tile_size,
+            "link_iou": self.settings.link_iou,
+        }
 
 
 @dataclass
@@ -216,12 +231,11 @@ def route_prompts(grid: TileGrid, boxes=None, points=None, point_labels=None) ->
     centre when it holds the prompt whole, else the neighbour that does with its centre
     nearest; a prompt larger than any tile is reported in ``unrouted``, never dropped silently.
     """
-    from ..pipeline import _box_prompts, _point_prompts  # the pipeline's own prompt checks, up front
 
-    b = None if boxes is None else _box_prompts(boxes)
+    b = None if boxes is None else box_prompts(boxes)
     p = lab = None
     if points is not None:
-        p, lab = _point_prompts(points, point_labels)
+        p, lab = point_prompts(points, point_labels)
         if b is not None and len(b) != len(p):
             raise ValueError(f"{len(b)} boxes but {len(p)} point prompts")
     n = len(b) if b is not None else (len(p) if p is not None else 0)
@@ -245,8 +259,13 @@ def route_prompts(grid: TileGrid, boxes=None, points=None, point_labels=None) ->
             continue
         t = _home(grid, max(x0, 0), max(y0, 0), min(x1, grid.width), min(y1, grid.height))
         if t is None:
-            unrouted.append((i, f"prompt ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) is larger than a tile "
-                                f"({grid.tile} px); use a larger tile_size or a smaller scale"))
+            unrouted.append(
+                (
+                    i,
+                    f"prompt ({x0:.0f}, {y0:.0f})-({x1:.0f}, {y1:.0f}) is larger than a tile "
+                    f"({grid.tile} px); use a larger tile_size or a smaller scale",
+                )
+            )
             continue
         groups.setdefault(t.index, []).append(i)
     per_tile = {}

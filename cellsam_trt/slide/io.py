@@ -31,7 +31,9 @@ class SlideError(ValueError):
 
 def is_zarr(path) -> bool:
     p = Path(path)
-    return p.suffix.lower() in ZARR_SUFFIXES or (p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file()))
+    return p.suffix.lower() in ZARR_SUFFIXES or (
+        p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file())
+    )
 
 
 class SlideSource:
@@ -42,8 +44,9 @@ class SlideSource:
     ``read(y0, y1, x0, x1)`` -> (h, w) or (h, w, C) array, channel last, stored dtype.
     """
 
-    def __init__(self, path=None, level: int = 0, series: int = 0, array: np.ndarray | None = None,
-                 axes: str | None = None) -> None:
+    def __init__(
+        self, path=None, level: int = 0, series: int = 0, array: np.ndarray | None = None, axes: str | None = None
+    ) -> None:
         self.path = None if path is None else str(path)
         self.level, self.series = int(level), int(series)
         self._array, self._axes, self._handle = None, None, None
@@ -112,8 +115,9 @@ class SlideSource:
         if not 0 <= self.level < len(ds):
             raise SlideError(f"{p}: pyramid level {self.level} does not exist ({len(ds)} levels)")
         self._array = root[ds[self.level]["path"]]
-        self._axes = "".join(a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])).upper() or \
-            _guess_axes(self._array.shape)
+        self._axes = "".join(
+            a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])
+        ).upper() or _guess_axes(self._array.shape)
         for tr in ds[self.level].get("coordinateTransformations", []):
             if tr.get("type") == "scale":
                 sc = dict(zip(self._axes, tr["scale"]))
@@ -144,8 +148,10 @@ class SlideSource:
     # -- reading -----------------------------------------------------------------------------
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The region [y0, y1) x [x0, x1) -> (h, w) or (h, w, C), stored dtype."""
-        idx = tuple(slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a == "C" else 0
-                    for a in self._axes)
+        idx = tuple(
+            slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None) if a == "C" else 0
+            for a in self._axes
+        )
         block = np.asarray(self._array[idx])
         kept = [a for a in self._axes if a in "YXC"]
         order = [kept.index("Y"), kept.index("X")] + ([kept.index("C")] if "C" in kept else [])
@@ -224,11 +230,24 @@ class OmeZarrLabelWriter:
     the metadata and renames the store onto ``dest``.
     """
 
-    def __init__(self, dest, shape, dtype, chunk: int = 1024, levels: int = 1,
-                 pixel_size_um: tuple[float, float] | None = None, source_image: str | None = None) -> None:
+    def __init__(
+        self,
+        dest,
+        shape,
+        dtype,
+        chunk: int = 1024,
+        levels: int = 1,
+        pixel_size_um: tuple[float, float] | None = None,
+        source_image: str | None = None,
+    ) -> None:
         self.dest = Path(dest)
         self.tmp = _partial(self.dest)
-        self.shape, self.dtype, self.chunk, self.levels = tuple(int(s) for s in shape), np.dtype(dtype), int(chunk), int(levels)
+        self.shape, self.dtype, self.chunk, self.levels = (
+            tuple(int(s) for s in shape),
+            np.dtype(dtype),
+            int(chunk),
+            int(levels),
+        )
         self.pixel_size_um, self.source_image = pixel_size_um, source_image
 
     def create(self) -> OmeZarrLabelWriter:
@@ -241,10 +260,15 @@ class OmeZarrLabelWriter:
         g = zarr.open_group(str(self.tmp), mode="w", zarr_format=2)
         shape = self.shape
         for k in range(self.levels):
-            g.create_array(str(k), shape=shape, chunks=(min(self.chunk, shape[0]), min(self.chunk, shape[1])),
-                           dtype=self.dtype, fill_value=0,
-                           compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE),
-                           chunk_key_encoding={"name": "v2", "separator": "/"})
+            g.create_array(
+                str(k),
+                shape=shape,
+                chunks=(min(self.chunk, shape[0]), min(self.chunk, shape[1])),
+                dtype=self.dtype,
+                fill_value=0,
+                compressors=numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE),
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+            )
             shape = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
         return self
 
@@ -255,7 +279,7 @@ class OmeZarrLabelWriter:
 
     def write(self, y0: int, x0: int, block: np.ndarray, arr=None) -> None:
         arr = arr if arr is not None else self.array(0)
-        arr[y0:y0 + block.shape[0], x0:x0 + block.shape[1]] = block.astype(self.dtype, copy=False)
+        arr[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block.astype(self.dtype, copy=False)
 
     def finish(self) -> Path:
         import zarr
@@ -265,18 +289,26 @@ class OmeZarrLabelWriter:
             src, dst = self.array(k - 1), self.array(k)
             for y in range(0, dst.shape[0], c):
                 for x in range(0, dst.shape[1], c):
-                    dst[y:y + c, x:x + c] = src[2 * y:2 * (y + c):2, 2 * x:2 * (x + c):2]
+                    dst[y : y + c, x : x + c] = src[2 * y : 2 * (y + c) : 2, 2 * x : 2 * (x + c) : 2]
         sy, sx = self.pixel_size_um or (1.0, 1.0)
         unit = {"unit": "micrometer"} if self.pixel_size_um else {}
         g = zarr.open_group(str(self.tmp), mode="r+")
-        g.attrs["multiscales"] = [{
-            "version": "0.4", "name": self.dest.name,
-            "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
-            "datasets": [{"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [sy * 2 ** k, sx * 2 ** k]}]}
-                         for k in range(self.levels)],
-            "metadata": {"method": "numpy stride [::2, ::2] (nearest)"} if self.levels > 1 else {},
-        }]
-        g.attrs["image-label"] = {"version": "0.4", **({"source": {"image": self.source_image}} if self.source_image else {})}
+        g.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "name": self.dest.name,
+                "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
+                "datasets": [
+                    {"path": str(k), "coordinateTransformations": [{"type": "scale", "scale": [sy * 2**k, sx * 2**k]}]}
+                    for k in range(self.levels)
+                ],
+                "metadata": {"method": "numpy stride [::2, ::2] (nearest)"} if self.levels > 1 else {},
+            }
+        ]
+        g.attrs["image-label"] = {
+            "version": "0.4",
+            **({"source": {"image": self.source_image}} if self.source_image else {}),
+        }
         _replace_dir(self.tmp, self.dest)
         return self.dest
 
@@ -299,7 +331,7 @@ def write_bigtiff_labels(dest, shape, dtype, chunk: int, chunks, pixel_size_um=N
         for block in chunks:
             if block.shape != (chunk, chunk):
                 full = np.zeros((chunk, chunk), dtype)
-                full[:block.shape[0], :block.shape[1]] = block
+                full[: block.shape[0], : block.shape[1]] = block
                 block = full
             yield block.astype(dtype, copy=False)
 
@@ -319,4 +351,3 @@ def read_labels(path) -> np.ndarray:
         return src.read(0, src.height, 0, src.width)
     finally:
         src.close()
-

@@ -68,10 +68,16 @@ class SlideResult:
         return not self.failed
 
     def summary(self) -> dict:
-        return {"dest": str(self.dest), "cells": self.cells, "grid": self.grid, "tiles_segmented": self.tiles_segmented,
-                "tiles_resumed": self.tiles_resumed,
-                "failed_tiles": [{"tile": i, "region_yyxx": list(r), "error": e} for i, r, e in self.failed],
-                "unrouted_prompts": [{"prompt": i, "reason": r} for i, r in self.unrouted], "seconds": self.seconds}
+        return {
+            "dest": str(self.dest),
+            "cells": self.cells,
+            "grid": self.grid,
+            "tiles_segmented": self.tiles_segmented,
+            "tiles_resumed": self.tiles_resumed,
+            "failed_tiles": [{"tile": i, "region_yyxx": list(r), "error": e} for i, r, e in self.failed],
+            "unrouted_prompts": [{"prompt": i, "reason": r} for i, r in self.unrouted],
+            "seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -107,8 +113,15 @@ def _prompts_for(routed: RoutedPrompts | None, index: int):
     return Prompts(e["boxes"], e["points"], e["point_labels"]) if e is not None else None
 
 
-def segment_tile_batch(engine, source: SlideSource, store: TileStore, indices, routed: RoutedPrompts | None,
-                       channels: ChannelMap, max_in_flight: int = 2) -> tuple[list[int], list[tuple[int, str]]]:
+def segment_tile_batch(
+    engine,
+    source: SlideSource,
+    store: TileStore,
+    indices,
+    routed: RoutedPrompts | None,
+    channels: ChannelMap,
+    max_in_flight: int = 2,
+) -> tuple[list[int], list[tuple[int, str]]]:
     """Segment tiles ``indices`` into ``store`` (tiles already done are skipped).
 
     -> (indices stored, [(index, error message)]). In prompted mode a tile without prompts is
@@ -135,8 +148,7 @@ def segment_tile_batch(engine, source: SlideSource, store: TileStore, indices, r
                 yield np.zeros(store.grid[i].shape, np.uint8)
 
     prompts = (_prompts_for(routed, i) for i in todo)
-    for item in engine.segment_many(tiles(), prompts, channels=channels.engine_channels,
-                                   max_in_flight=max_in_flight):
+    for item in engine.segment_many(tiles(), prompts, channels=channels.engine_channels, max_in_flight=max_in_flight):
         i = todo[item.index]
         t = store.grid[i]
         where = f"tile {i} (rows {t.y0}:{t.y1}, cols {t.x0}:{t.x1})"
@@ -156,8 +168,15 @@ def prompted(store: TileStore) -> bool:
     return store.fingerprint.get("prompts") is not None
 
 
-def write_chunks(store: TileStore, done: dict, offsets: np.ndarray, lut: np.ndarray, writer: OmeZarrLabelWriter,
-                 chunks, stats: bool = False) -> list:
+def write_chunks(
+    store: TileStore,
+    done: dict,
+    offsets: np.ndarray,
+    lut: np.ndarray,
+    writer: OmeZarrLabelWriter,
+    chunks,
+    stats: bool = False,
+) -> list:
     """Render and write output chunks [(y0, y1, x0, x1)] into the (partial) OME-Zarr store.
     -> per-chunk cell statistics (``stitch.block_stats``) when ``stats``, else []."""
     arr, tiles = writer.array(0), store._array()
@@ -210,8 +229,9 @@ def segment_slide(
     empty) and the work folder is kept so that the next run redoes only the failed tiles.
     progress: optional callable(tiles finished, tiles in all).
     """
-    grid, routed, store, channels = prepare_slide(source, output, tiles, boxes, points, point_labels, channels,
-                                                  fingerprint)
+    grid, routed, store, channels = prepare_slide(
+        source, output, tiles, boxes, points, point_labels, channels, fingerprint
+    )
     finished = store.done()
     resumed = len(finished)
     seconds = {}
@@ -222,7 +242,9 @@ def segment_slide(
     for _ in range(retries + 1):
         failed = {}
         for k in range(0, len(todo), batch):
-            stored, errors = segment_tile_batch(engine, source, store, todo[k:k + batch], routed, channels, max_in_flight)
+            stored, errors = segment_tile_batch(
+                engine, source, store, todo[k : k + batch], routed, channels, max_in_flight
+            )
             segmented += len(stored)
             failed.update(errors)
             if progress is not None:
@@ -234,8 +256,9 @@ def segment_slide(
     return conclude(finish_slide(store, source, output), store, routed, failed, segmented, resumed, seconds)
 
 
-def conclude(result: SlideResult, store: TileStore, routed, failed: dict[int, str], segmented: int, resumed: int,
-             seconds: dict) -> SlideResult:
+def conclude(
+    result: SlideResult, store: TileStore, routed, failed: dict[int, str], segmented: int, resumed: int, seconds: dict
+) -> SlideResult:
     """Fill in the run's counts, failures and prompts not routed; remove the work folder when
     every tile succeeded (else keep it for the next run)."""
     result.tiles_segmented, result.tiles_resumed = segmented, resumed
@@ -254,12 +277,20 @@ def prepare_slide(source, output, tiles, boxes, points, point_labels, channels, 
         if idx is not None and not 0 <= idx < max(source.channels, 1):
             raise SlideError(f"{source.name}: {what} channel {idx} does not exist ({source.channels or 1} channels)")
     if source.channels > 3 and channels.nuclear is None and channels.wholecell is None:
-        raise SlideError(f"{source.name}: {source.channels} channels; name the nuclear and / or whole-cell channel "
-                         "(CellSAM takes at most 3)")
+        raise SlideError(
+            f"{source.name}: {source.channels} channels; name the nuclear and / or whole-cell channel "
+            "(CellSAM takes at most 3)"
+        )
     grid = TileGrid(source.height, source.width, tiles or TileSettings())
     routed = route_prompts(grid, boxes, points, point_labels) if (boxes is not None or points is not None) else None
-    fp = {"slide": source.name, "level": source.level, "series": source.series, "channels": vars(channels),
-          **(fingerprint or {}), "prompts": _prompt_digest(boxes, points, point_labels)}
+    fp = {
+        "slide": source.name,
+        "level": source.level,
+        "series": source.series,
+        "channels": vars(channels),
+        **(fingerprint or {}),
+        "prompts": _prompt_digest(boxes, points, point_labels),
+    }
     return grid, routed, TileStore(work_dir_for(Path(output.dest)), grid, fp).open(), channels
 
 
@@ -276,11 +307,15 @@ def finish_slide(store: TileStore, source: SlideSource, output: SlideOutput, wri
     want = output.table is not None
     stats = CellStats(cells) if want else None
     if output.fmt == "ome-zarr":
-        writer = OmeZarrLabelWriter(dest, source.shape, dtype, output.chunk, output.levels, source.pixel_size_um,
-                                    source_image=source.name).create()
+        writer = OmeZarrLabelWriter(
+            dest, source.shape, dtype, output.chunk, output.levels, source.pixel_size_um, source_image=source.name
+        ).create()
         try:
-            parts = (write_chunks(store, done, offsets, lut, writer, chunks, want) if write is None
-                     else write(writer, chunks, done, offsets, lut, want))
+            parts = (
+                write_chunks(store, done, offsets, lut, writer, chunks, want)
+                if write is None
+                else write(writer, chunks, done, offsets, lut, want)
+            )
             writer.finish()
         except BaseException:
             writer.abort()
@@ -288,6 +323,7 @@ def finish_slide(store: TileStore, source: SlideSource, output: SlideOutput, wri
         for p in parts:
             stats.add(p)
     else:
+
         def blocks():
             for c in chunks:
                 block = render_region(store, done, offsets, lut, *c, dtype=dtype, windows=prompted(store))

@@ -65,8 +65,13 @@ class TileStore:
             shutil.rmtree(self.root)
         (self.root / "done").mkdir(parents=True)
         # sub-tile chunks: linking reads only the overlap strips, rendering only the cores
-        zarr.create_array(str(self.root / "tiles.zarr"), shape=(len(self.grid), self.grid.th, self.grid.tw),
-                          chunks=(1, min(256, self.grid.th), min(256, self.grid.tw)), dtype="int32", fill_value=0)
+        zarr.create_array(
+            str(self.root / "tiles.zarr"),
+            shape=(len(self.grid), self.grid.th, self.grid.tw),
+            chunks=(1, min(256, self.grid.th), min(256, self.grid.tw)),
+            dtype="int32",
+            fill_value=0,
+        )
         _atomic_text(meta, json.dumps({"key": self.key, "fingerprint": self.fingerprint}, indent=1, default=str))
         return self
 
@@ -116,7 +121,7 @@ class TileStore:
         """Tile ``index``'s local labels over the slide region (inside the tile) -> int32."""
         t = self.grid[index]
         arr = arr if arr is not None else self._array()
-        return np.asarray(arr[index, y0 - t.y0:y1 - t.y0, x0 - t.x0:x1 - t.x0])
+        return np.asarray(arr[index, y0 - t.y0 : y1 - t.y0, x0 - t.x0 : x1 - t.x0])
 
 
 def cut_labels(local: np.ndarray, tile, grid: TileGrid) -> list[int]:
@@ -164,7 +169,7 @@ def link_tiles(store: TileStore, done: dict[int, dict], offsets: np.ndarray, pai
     """All links between finished neighbouring tiles -> (M, 2) int64 pre-label pairs."""
     arr = store._array()
     out = []
-    for a, b in (pairs if pairs is not None else store.grid.neighbour_pairs()):
+    for a, b in pairs if pairs is not None else store.grid.neighbour_pairs():
         if done.get(a, {}).get("n", 0) == 0 or done.get(b, {}).get("n", 0) == 0:
             continue
         m = link_pair(store, a, b, store.grid.settings.link_iou, arr)
@@ -190,7 +195,7 @@ def global_lut(n_pre: int, links: np.ndarray) -> tuple[np.ndarray, int]:
     uniq, first = np.unique(comp, return_index=True)
     rank = np.empty(int(comp.max(initial=0)) + 1, np.int64)
     rank[uniq[np.argsort(first)]] = np.arange(1, len(uniq) + 1)
-    if len(uniq) >= 2 ** 32:
+    if len(uniq) >= 2**32:
         raise OverflowError(f"{len(uniq)} cells do not fit uint32 labels")
     lut = np.zeros(n, np.uint32)
     lut[1:] = rank[comp]
@@ -198,13 +203,24 @@ def global_lut(n_pre: int, links: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _table(lut, offsets, index: int, n: int, dtype) -> np.ndarray:
-    table = lut[offsets[index]:offsets[index] + n + 1].astype(dtype)
+    table = lut[offsets[index] : offsets[index] + n + 1].astype(dtype)
     table[0] = 0
     return table
 
 
-def render_region(store: TileStore, done: dict[int, dict], offsets: np.ndarray, lut: np.ndarray,
-                  y0: int, y1: int, x0: int, x1: int, dtype=np.uint32, arr=None, windows: bool = False) -> np.ndarray:
+def render_region(
+    store: TileStore,
+    done: dict[int, dict],
+    offsets: np.ndarray,
+    lut: np.ndarray,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    dtype=np.uint32,
+    arr=None,
+    windows: bool = False,
+) -> np.ndarray:
     """The final labels of the slide region [y0, y1) x [x0, x1) -> (h, w) ``dtype``.
 
     Automatic runs: each pixel takes the label of the tile whose core holds it; where that
@@ -220,7 +236,7 @@ def render_region(store: TileStore, done: dict[int, dict], offsets: np.ndarray, 
         if n == 0:
             continue
         local = store.region(t.index, ry0, ry1, rx0, rx1, arr)
-        view = out[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
+        view = out[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0]
         if windows:
             np.copyto(view, _table(lut, offsets, t.index, n, dtype)[local], where=local > 0)
         else:
@@ -231,7 +247,7 @@ def render_region(store: TileStore, done: dict[int, dict], offsets: np.ndarray, 
         n = int(done.get(t.index, {}).get("n", 0))
         if n == 0:
             continue
-        view = out[ry0 - y0:ry1 - y0, rx0 - x0:rx1 - x0]
+        view = out[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0]
         if view.all():
             continue
         table = _table(lut, offsets, t.index, n, dtype)
@@ -258,7 +274,8 @@ def block_stats(block: np.ndarray, y0: int, x0: int) -> dict[str, np.ndarray]:
     starts = np.concatenate([[0], np.cumsum(count)[:-1]]) if len(u) else np.zeros(0, np.int64)
     c_sorted, r_sorted = cols[order], rows[order]
     return {
-        "label": u, "area": count.astype(np.int64),
+        "label": u,
+        "area": count.astype(np.int64),
         "sum_row": np.bincount(inv, weights=rows + y0, minlength=len(u)),
         "sum_col": np.bincount(inv, weights=cols + x0, minlength=len(u)),
         "min_row": rows[first] + y0 if len(u) else np.zeros(0, np.int64),  # rows come sorted
@@ -284,7 +301,12 @@ class CellStats:
         self.area[u] += s["area"]
         self.sum_row[u] += s["sum_row"]
         self.sum_col[u] += s["sum_col"]
-        for k, f in (("min_row", np.minimum), ("min_col", np.minimum), ("max_row", np.maximum), ("max_col", np.maximum)):
+        for k, f in (
+            ("min_row", np.minimum),
+            ("min_col", np.minimum),
+            ("max_row", np.maximum),
+            ("max_col", np.maximum),
+        ):
             arr = getattr(self, k)
             arr[u] = f(arr[u], s[k])
 
@@ -294,7 +316,15 @@ class CellStats:
         idx = idx[idx > 0]
         a = self.area[idx]
         nan = np.full(len(idx), np.nan)
-        return {"label": idx.astype(np.int64), "bbox_min_row": self.min_row[idx], "bbox_min_col": self.min_col[idx],
-                "bbox_max_row": self.max_row[idx] + 1, "bbox_max_col": self.max_col[idx] + 1, "area": a,
-                "centroid_row": self.sum_row[idx] / a, "centroid_col": self.sum_col[idx] / a,
-                "detection_score": nan, "iou_prediction": nan.copy()}
+        return {
+            "label": idx.astype(np.int64),
+            "bbox_min_row": self.min_row[idx],
+            "bbox_min_col": self.min_col[idx],
+            "bbox_max_row": self.max_row[idx] + 1,
+            "bbox_max_col": self.max_col[idx] + 1,
+            "area": a,
+            "centroid_row": self.sum_row[idx] / a,
+            "centroid_col": self.sum_col[idx] / a,
+            "detection_score": nan,
+            "iou_prediction": nan.copy(),
+        }

@@ -36,9 +36,18 @@ class SyntheticSlide:
     intensities (mean, std, (min, max)) of the uint16 image.
     """
 
-    def __init__(self, height: int, width: int, seed: int = 0, pitch: int = 40, radius=(6, 16),
-                 occupancy: float = 0.8, background: float = 200.0, noise: float = 30.0,
-                 brightness=(1500.0, 4000.0)) -> None:
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        seed: int = 0,
+        pitch: int = 40,
+        radius=(6, 16),
+        occupancy: float = 0.8,
+        background: float = 200.0,
+        noise: float = 30.0,
+        brightness=(1500.0, 4000.0),
+    ) -> None:
         if pitch < 2 * radius[1] + 4:
             raise ValueError(f"pitch {pitch} is too small for radius {radius[1]}")
         self.height, self.width, self.seed = int(height), int(width), int(seed)
@@ -96,7 +105,7 @@ class SyntheticSlide:
                 ya, yb, xa, xb = max(yc - rr, y0), min(yc + rr + 1, y1), max(xc - rr, x0), min(xc + rr + 1, x1)
                 yy, xx = np.ogrid[ya:yb, xa:xb]
                 disc = (yy - yc) ** 2 + (xx - xc) ** 2 < rr * rr
-                view = out[ya - y0:yb - y0, xa - x0:xb - x0]
+                view = out[ya - y0 : yb - y0, xa - x0 : xb - x0]
                 if what == "labels":
                     view[disc] = i
                 else:
@@ -107,12 +116,14 @@ class SyntheticSlide:
         out = np.empty((y1 - y0, x1 - x0), np.float64)
         for ty in range(y0 // NOISE_TILE, (y1 - 1) // NOISE_TILE + 1):
             for tx in range(x0 // NOISE_TILE, (x1 - 1) // NOISE_TILE + 1):
-                tile = np.random.default_rng([self.seed, 2, ty, tx]).normal(self.background, self.noise,
-                                                                          (NOISE_TILE, NOISE_TILE))
+                tile = np.random.default_rng([self.seed, 2, ty, tx]).normal(
+                    self.background, self.noise, (NOISE_TILE, NOISE_TILE)
+                )
                 ya, yb = max(y0, ty * NOISE_TILE), min(y1, (ty + 1) * NOISE_TILE)
                 xa, xb = max(x0, tx * NOISE_TILE), min(x1, (tx + 1) * NOISE_TILE)
-                out[ya - y0:yb - y0, xa - x0:xb - x0] = tile[ya - ty * NOISE_TILE:yb - ty * NOISE_TILE,
-                                                             xa - tx * NOISE_TILE:xb - tx * NOISE_TILE]
+                out[ya - y0 : yb - y0, xa - x0 : xb - x0] = tile[
+                    ya - ty * NOISE_TILE : yb - ty * NOISE_TILE, xa - tx * NOISE_TILE : xb - tx * NOISE_TILE
+                ]
         return out
 
     def image(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -129,24 +140,37 @@ class SyntheticSlide:
         import tifffile
 
         def tiles(k):
-            f = 2 ** k
+            f = 2**k
             h, w = math.ceil(self.height / f), math.ceil(self.width / f)
             for y in range(0, h, tile):
                 for x in range(0, w, tile):
                     block = self.image(y * f, min((y + tile) * f, self.height), x * f, min((x + tile) * f, self.width))
                     block = block[::f, ::f]
                     full = np.zeros((tile, tile), np.uint16)
-                    full[:block.shape[0], :block.shape[1]] = block
+                    full[: block.shape[0], : block.shape[1]] = block
                     yield full
 
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tw:
             meta = {"axes": "YX", "PhysicalSizeX": pixel_size_um, "PhysicalSizeY": pixel_size_um}
-            tw.write(tiles(0), shape=self.shape, dtype=np.uint16, tile=(tile, tile), compression="zlib",
-                     subifds=levels - 1, metadata=meta)
+            tw.write(
+                tiles(0),
+                shape=self.shape,
+                dtype=np.uint16,
+                tile=(tile, tile),
+                compression="zlib",
+                subifds=levels - 1,
+                metadata=meta,
+            )
             for k in range(1, levels):
-                f = 2 ** k
-                tw.write(tiles(k), shape=(math.ceil(self.height / f), math.ceil(self.width / f)), dtype=np.uint16,
-                         tile=(tile, tile), compression="zlib", subfiletype=1)
+                f = 2**k
+                tw.write(
+                    tiles(k),
+                    shape=(math.ceil(self.height / f), math.ceil(self.width / f)),
+                    dtype=np.uint16,
+                    tile=(tile, tile),
+                    compression="zlib",
+                    subfiletype=1,
+                )
 
 
 class ThresholdSegmenter:
@@ -173,8 +197,13 @@ class ThresholdSegmenter:
         labels = lab.astype(np.int32)
         z = np.zeros(0, np.float32)
         n = int(labels.max(initial=0))
-        return Segmentation(labels, np.zeros((0, 4), np.float32), None, z,
-                            Details(labels, np.arange(1, n + 1, dtype=np.int64), np.zeros(0, np.int64)))
+        return Segmentation(
+            labels,
+            np.zeros((0, 4), np.float32),
+            None,
+            z,
+            Details(labels, np.arange(1, n + 1, dtype=np.int64), np.zeros(0, np.int64)),
+        )
 
     def segment_many(self, images, prompts=None, **_):
         for i, img in enumerate(images):
