@@ -137,7 +137,8 @@ class GpuScheduler:
         max_in_flight: int | None = None,
     ) -> Iterator[ItemResult]:
         """One ``ItemResult`` per source, in input order (sources and prompts as
-        ``scheduler.CpuScheduler.run``; ``max_in_flight`` is the stages' ``queue_size`` here).
+        ``scheduler.CpuScheduler.run``; ``max_in_flight`` is accepted for that signature and not
+        used: this scheduler's bound is ``queue_size`` images per stage).
         Closing the iterator early stops the worker threads."""
         settings = settings or self.settings
         stop = threading.Event()
