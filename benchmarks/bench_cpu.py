@@ -1,4 +1,4 @@
-"""CPU benchmark: official-style PyTorch vs our PyTorch pipeline vs ONNX Runtime FP32 / INT8.
+"""CPU benchmark: official-style PyTorch vs our PyTorch pipeline vs ONNX Runtime vs OpenVINO.
 
 All configurations run in the same process, on the same images and prompts, with the same
 thread count, so their ratios are comparable even on a loaded machine:
@@ -16,17 +16,26 @@ thread count, so their ratios are comparable even on a loaded machine:
   decoder (``prompt_context`` once per image, ``context_decoder`` one box per call), the CPU
   default; ``ort_fp32_whole_decoder`` is FP32 with the whole ``prompt_decoder`` graph in calls of
   16 boxes, for comparison.
+* ``ov_fp32`` / ``ov_bf16`` / ``ov_int8``: the pipeline's stages on ``OvBackend`` (OpenVINO, the
+  same export; BF16 only where the CPU has native BF16, otherwise skipped with OpenVINO's reason
+  in ``skipped``; INT8: the NNCF-quantized image encoder, made with ``--calib-images`` when the
+  export has none; decoder FP32), image by image and through ``segment_many``. Their label maps
+  are compared with ``ort_fp32`` (FP32 parity) and with ``ov_fp32`` (BF16 / INT8 agreement:
+  matched-instance IoU per image).
 
 Inputs: the four sample images (``<reference>/sample_imgs/*.png``) with all their boxes
 (``<reference>/inputs/<name>_boxes.json``), box-prompt mode. Per-stage times (preprocess,
 encode, decode, postprocess) and achieved GFLOP/s per stage are reported against this CPU's
-matrix-multiply ceiling measured in the same run (NumPy and ONNX Runtime float32 MatMul).
+matrix-multiply ceiling measured in the same run, per precision: float32 (NumPy, ONNX Runtime,
+OpenVINO MatMul), OpenVINO bf16 (native BF16 CPUs only) and OpenVINO INT8 (an NNCF-quantized
+MatMul); each configuration's stages are compared with the ceiling of the precision they run in.
 FLOPs are the models' own (counted with ``torch.utils.flop_counter`` on the official-style
 computation: one image encoder pass, one single-box decoder call per box), so a faster
 formulation shows as a higher effective rate. The split decoder's executed FLOPs (its
 per-image part, and per box) are counted the same way and reported as ``decode_executed``.
 
     python benchmarks/bench_cpu.py --export /tmp/cellsam-onnx --out benchmarks/results/cpu.json
+    python benchmarks/bench_cpu.py --export /tmp/cellsam-onnx --decoder-choice   # OpenVINO decoder forms
 
 The export directory is created (``cellsam-trt export --int8`` on the synthetic checkpoint)
 when it holds no manifest.
@@ -105,7 +114,47 @@ def matmul_ceiling(threads: int) -> dict:
     so.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     out = {"numpy_gflops": best(lambda: a @ b), "ort_gflops": best(lambda: sess.run(None, {"a": a, "b": b}))}
-    out["ceiling_gflops"] = max(out.values())
+    try:
+        out.update(openvino_matmul(a, b, threads, best))
+    except ImportError:
+        pass
+    out["ceiling_gflops"] = max(v for k, v in out.items() if k in ("numpy_gflops", "ort_gflops", "ov_fp32_gflops"))
+    out["ceiling_gflops_per_precision"] = {
+        "fp32": out["ceiling_gflops"],
+        "bf16": out.get("ov_bf16_gflops"),
+        "int8": out.get("ov_int8_gflops"),
+    }
+    return out
+
+
+def openvino_matmul(a: np.ndarray, b: np.ndarray, threads: int, best) -> dict:
+    """OpenVINO MatMul GFLOP/s of activations ``a`` times constant weights ``b`` (as in the models):
+    f32, bf16 (where the CPU has native BF16) and INT8 (the MatMul quantized by NNCF)."""
+    import nncf
+    import openvino as ov
+    import openvino.opset13 as ops
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    from cellsam_trt.engine.openvino_backend import cpu_capabilities
+
+    core = ov.Core()
+    caps = cpu_capabilities(core)
+
+    def model():
+        x = ops.parameter(list(a.shape), ov.Type.f32, name="a")
+        return ov.Model([ops.matmul(x, ops.constant(b), False, False)], [x], "mm")
+
+    def rate(m, precision):
+        cfg = {hints.inference_precision: precision, props.inference_num_threads: threads}
+        req = core.compile_model(m, "CPU", cfg).create_infer_request()
+        return best(lambda: req.infer({0: a}))
+
+    out = {"ov_capabilities": caps, "ov_fp32_gflops": rate(model(), ov.Type.f32)}
+    if "BF16" in caps:
+        out["ov_bf16_gflops"] = rate(model(), ov.Type.bf16)
+    quantized = nncf.quantize(model(), nncf.Dataset([a]), subset_size=1, target_device=nncf.TargetDevice.CPU)
+    out["ov_int8_gflops"] = rate(quantized, ov.Type.f32)
     return out
 
 
@@ -293,6 +342,115 @@ def run_many(model, inputs) -> dict:
     }
 
 
+def openvino_backend(result: dict, name: str, precision: str, export: Path, threads: int, args):
+    """``OvBackend`` for configuration ``name`` with its graphs compiled (outside the timings), or
+    None with the reason in ``result["skipped"]`` (OpenVINO missing, no native BF16 on this CPU).
+    INT8: the export's NNCF INT8 IR, quantized now (``--calib-images``) when it has none."""
+    try:
+        from cellsam_trt.engine.openvino_backend import OvBackend, cpu_capabilities, precision_problem
+    except ImportError as e:
+        result["skipped"][name] = f"openvino not installed ({e})"
+        return None
+    problem = precision_problem(precision, cpu_capabilities())
+    if problem:
+        result["skipped"][name] = problem
+        print(f"  skipping {name}: {problem}", flush=True)
+        return None
+    if precision == "int8":
+        from cellsam_trt.engine.base import BackendError
+
+        try:
+            OvBackend(export, precision="int8")
+        except BackendError:  # quantize in a process of its own: NNCF's peak memory is freed after it
+            import subprocess
+
+            calib = args.calib_images
+            if calib is None:  # the sample images themselves, without the *_pred.npy label maps beside them
+                calib = export / "openvino" / "calibration_images"
+                calib.mkdir(parents=True, exist_ok=True)
+                for png in sorted((Path(args.reference) / "sample_imgs").glob("*.png")):
+                    if not (calib / png.name).exists():
+                        (calib / png.name).symlink_to(png.resolve())
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-m", "cellsam_trt.cli", "quantize", "--model", str(export), "--calib-images"]
+            subprocess.run(cmd + [str(calib)], check=True)
+            result["openvino"]["int8_quantize_s"] = time.perf_counter() - t0
+        index = json.loads((export / "openvino" / "ir.json").read_text())
+        result["openvino"]["int8_calibration"] = {
+            k: v for k, v in index.items() if k.endswith(".int8")
+        }  # which images, NNCF version
+    backend = OvBackend(export, precision=precision, threads=threads)
+    t0 = time.perf_counter()
+    backend.warmup()
+    backend.encode(np.zeros((1, 3, 1024, 1024), np.float32))
+    backend.decode(np.zeros((1, 256, 64, 64), np.float32), boxes=np.array([[0, 0, 10, 10]], np.float32))
+    result["openvino"][f"{name}_load_s"] = time.perf_counter() - t0
+    result["openvino"]["capabilities"] = backend.capabilities
+    result["openvino"][f"{name}_sources"] = dict(backend.sources)
+    return backend
+
+
+def decoder_choice(result: dict, export: Path, reference: Path, threads: int, out_path: str) -> int:
+    """OpenVINO decoder forms on one embedding and the first 64 boxes of YeaZ (1024 frame), FP32
+    and (native BF16 CPUs) BF16, interleaved, best of 3: the whole ``prompt_decoder`` in chunks of
+    16 and 64 vs the split decoder (``prompt_context`` once, ``context_decoder`` one box per call
+    on 1 or 2 streams); ONNX Runtime's split decoder (its CPU default) as the reference."""
+    from cellsam_trt.engine.openvino_backend import OvBackend, cpu_capabilities, precision_problem
+    from cellsam_trt.engine.ort_backend import OrtBackend
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    boxes = json.loads((reference / "inputs" / "YeaZ_boxes.json").read_text())["boxes"][:64]
+    boxes = np.asarray(boxes, np.float32) * (1024 / 480)  # roughly the 1024 frame; only the count matters
+    configs = {"ort_fp32_split_2_streams": OrtBackend(export, threads=threads)}
+    caps = cpu_capabilities()
+    result["openvino_capabilities"] = caps
+    result["skipped"] = {}
+    for prec in ("fp32", "bf16"):
+        problem = precision_problem(prec, caps)
+        if problem:
+            result["skipped"][prec] = problem
+            continue
+        for chunk in (16, 64):
+            configs[f"ov_{prec}_whole_chunk_{chunk}"] = OvBackend(
+                export, precision=prec, threads=threads, split_decoder=False, decode_chunk=chunk
+            )
+        for streams in (1, 2):
+            configs[f"ov_{prec}_split_{streams}_streams"] = OvBackend(
+                export, precision=prec, threads=threads, split_decoder=True, decode_streams=streams
+            )
+    ref = None
+    for name, b in configs.items():  # compile outside the timings
+        lr, _ = b.decode(emb, boxes=boxes[:4])
+        if ref is None:
+            ref = lr
+        result.setdefault("max_abs_diff_vs_ort", {})[name] = float(np.abs(lr - ref).max())
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for rep in range(3):
+        for name, b in configs.items():
+            t0 = time.perf_counter()
+            b.decode(emb, boxes=boxes)
+            times[name].append(time.perf_counter() - t0)
+            print(f"  rep {rep} {name}: {times[name][-1] / len(boxes) * 1e3:.1f} ms/box", flush=True)
+    result["boxes"] = len(boxes)
+    result["ms_per_box"] = {k: min(v) / len(boxes) * 1e3 for k, v in times.items()}
+    result["all_seconds"] = times
+    for prec in ("fp32", "bf16"):
+        mine = {k: v for k, v in result["ms_per_box"].items() if k.startswith(f"ov_{prec}_")}
+        if mine:
+            result.setdefault("fastest", {})[prec] = min(mine, key=mine.get)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    out = Path(out_path)
+    if out.name == "bench_cpu.json":
+        out = out.with_name("openvino_decoder.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    for k, v in result["ms_per_box"].items():
+        print(f"| {k} | {v:.1f} ms/box |")
+    print(f"fastest: {result.get('fastest')}; written {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--export", required=True, help="export directory (created with --int8 when absent)")
@@ -302,6 +460,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_cpu.json"))
     ap.add_argument("--skip", default="", help="comma-separated configurations to skip")
     ap.add_argument("--images", default="", help="comma-separated image stems (default: all four)")
+    ap.add_argument("--max-boxes", type=int, default=0, help="use the first N boxes of each image (0 = all)")
+    ap.add_argument(
+        "--calib-images",
+        default=None,
+        help="folder of images for OpenVINO INT8 calibration when the export has none "
+        "(default: the PNGs of <reference>/sample_imgs, which are also the benchmark's inputs)",
+    )
+    ap.add_argument(
+        "--decoder-choice",
+        action="store_true",
+        help="only measure the OpenVINO decoder forms (whole decoder in chunks vs split per prompt, FP32 / BF16)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -327,6 +497,8 @@ def main(argv=None) -> int:
         if rc:
             return rc
     result = {"machine": machine_info(), "threads": threads, "checkpoint": str(ckpt), "export": str(export)}
+    if args.decoder_choice:
+        return decoder_choice(result, export, Path(args.reference), threads, args.out)
     result["matmul"] = matmul_ceiling(threads)
     print(f"matmul ceiling: {result['matmul']}", flush=True)
     model = load_checkpoint(ckpt).model
@@ -335,6 +507,8 @@ def main(argv=None) -> int:
     inputs = load_inputs(Path(args.reference))
     if args.images:
         inputs = [i for i in inputs if i[0] in args.images.split(",")]
+    if args.max_boxes:
+        inputs = [(stem, img, b[: args.max_boxes]) for stem, img, b in inputs]
     n_boxes = int(sum(len(b) for _, _, b in inputs))
     result["inputs"] = {stem: {"shape": list(img.shape), "boxes": int(len(b))} for stem, img, b in inputs}
     settings = SegmentSettings()
@@ -359,7 +533,18 @@ def main(argv=None) -> int:
         backend.encode(np.zeros((1, 3, 1024, 1024), np.float32))  # session creation outside the timings
         backend.decode(np.zeros((1, 256, 64, 64), np.float32), boxes=np.array([[0, 0, 10, 10]], np.float32))
         if split is None:
-            ort_backends[prec] = backend
+            ort_backends[f"ort_{prec}"] = backend
+        tb = TimedBackend(backend)
+        runners[name] = lambda run, *a, tb=tb: pipeline_image(run, settings, tb, *a)
+    result["skipped"] = {}
+    result["openvino"] = {}
+    for name, prec in (("ov_fp32", "fp32"), ("ov_bf16", "bf16"), ("ov_int8", "int8")):
+        if name in skip:
+            continue
+        backend = openvino_backend(result, name, prec, export, threads, args)
+        if backend is None:
+            continue
+        ort_backends[name] = backend
         tb = TimedBackend(backend)
         runners[name] = lambda run, *a, tb=tb: pipeline_image(run, settings, tb, *a)
     runs = {name: _new_run() for name in runners}
@@ -369,12 +554,12 @@ def main(argv=None) -> int:
             print(f"  {name} {stem} ({len(boxes)} boxes): {runs[name]['per_image_s'][stem]:.1f} s", flush=True)
     for run in runs.values():
         run["images_per_s"] = len(inputs) / run["seconds"]
-    for prec, backend in ort_backends.items():
-        runs[f"ort_{prec}_segment_many"] = r = run_many(CellSAM(backend, settings, scheduler="cpu"), inputs)
-        print(f"  ort {prec} segment_many: {r['seconds']:.1f} s", flush=True)
+    for name, backend in ort_backends.items():
+        runs[f"{name}_segment_many"] = r = run_many(CellSAM(backend, settings, scheduler="cpu"), inputs)
+        print(f"  {name} segment_many: {r['seconds']:.1f} s", flush=True)
 
     f = result["flops"]
-    ceiling = result["matmul"]["ceiling_gflops"]
+    ceilings = result["matmul"]["ceiling_gflops_per_precision"]
     base = runs.get("torch_official_style")
     for name, r in runs.items():
         r["speedup_vs_official_style"] = base["seconds"] / r["seconds"] if base else None
@@ -385,8 +570,14 @@ def main(argv=None) -> int:
                 "encode": f["encoder_gflop"] * n_img / st["encode"] if st["encode"] else None,
                 "decode": f["decoder_gflop_per_box"] * n_boxes / st["decode"] if st["decode"] else None,
             }
-            r["fraction_of_ceiling"] = {k: (v / ceiling if v else None) for k, v in r["gflops"].items()}
-            if name in ("ort_fp32", "ort_int8") and st["decode"]:  # what the split decoder executes
+            # the ceiling of the precision each stage runs in (INT8: the encoder; decoders FP32)
+            prec = {"ov_bf16": "bf16", "ov_int8": "int8", "ort_int8": "int8"}.get(name, "fp32")
+            dec_prec = "bf16" if name == "ov_bf16" else "fp32"
+            r["ceiling_gflops"] = {"encode": ceilings.get(prec), "decode": ceilings.get(dec_prec)}
+            c = r["ceiling_gflops"]
+            r["fraction_of_ceiling"] = {k: (v / c[k] if v and c[k] else None) for k, v in r["gflops"].items()}
+            ceiling = r["ceiling_gflops"]["decode"]
+            if name in ("ort_fp32", "ort_int8", "ov_fp32", "ov_bf16", "ov_int8") and st["decode"]:  # split decoder
                 x = f["split_decoder_executed"]
                 r["gflops"]["decode_executed"] = (
                     x["context_gflop_per_image"] * n_img + x["gflop_per_box"] * n_boxes
@@ -399,13 +590,19 @@ def main(argv=None) -> int:
                 "frac_matched_50": float(np.mean([a.frac_matched_50 for a in agree])),
                 "pixel_agreement": float(np.mean([a.pixel_agreement for a in agree])),
             }
-        if "ort_fp32" in runs and name == "ort_int8":
-            agree = [match_instances(runs["ort_fp32"]["labels"][s], r["labels"][s]) for s in r["labels"]]
-            r["agreement_vs_ort_fp32"] = {
-                "per_image": {s: a.as_dict() for s, a in zip(r["labels"], agree)},
-                "mean_matched_iou": float(np.mean([a.mean_iou for a in agree])),
-                "frac_matched_50": float(np.mean([a.frac_matched_50 for a in agree])),
-            }
+        for ref in ("ort_fp32", "ov_fp32"):
+            compare = {"ort_fp32": ("ort_int8", "ov_fp32"), "ov_fp32": ("ov_bf16", "ov_int8")}[ref]
+            if ref in runs and name in compare and "labels" in r:
+                agree = [match_instances(runs[ref]["labels"][s], r["labels"][s]) for s in r["labels"]]
+                r[f"agreement_vs_{ref}"] = {
+                    "per_image": {s: a.as_dict() for s, a in zip(r["labels"], agree)},
+                    "mean_matched_iou": float(np.mean([a.mean_iou for a in agree])),
+                    "frac_matched_50": float(np.mean([a.frac_matched_50 for a in agree])),
+                    "min_frac_matched_50": float(min(a.frac_matched_50 for a in agree)),
+                    "pixel_identical": float(
+                        np.mean([(runs[ref]["labels"][s] == r["labels"][s]).mean() for s in r["labels"]])
+                    ),
+                }
     for r in runs.values():
         r.pop("labels", None)
     result["runs"] = runs
@@ -443,6 +640,21 @@ def table(result: dict) -> str:
         f"{result['flops']['decoder_gflop_per_box']:.2f} GFLOP/box (GFLOP/s above are of these); the "
         f"split decoder executes {x['context_gflop_per_image']:.2f} GFLOP/image + {x['gflop_per_box']:.2f} GFLOP/box"
     )
+    rows.append(
+        "matmul ceiling per precision (GFLOP/s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in m["ceiling_gflops_per_precision"].items() if v)
+    )
+    for name, why in result.get("skipped", {}).items():
+        rows.append(f"{name}: skipped: {why}")
+    for name, r in result["runs"].items():
+        for ref in ("ort_fp32", "ov_fp32"):
+            a = r.get(f"agreement_vs_{ref}")
+            if a:
+                rows.append(
+                    f"{name} vs {ref}: mean matched IoU {a['mean_matched_iou']:.3f}, matched at 0.5 "
+                    f"{a['frac_matched_50']:.3f} (lowest image {a['min_frac_matched_50']:.3f}), "
+                    f"identical label pixels {a['pixel_identical']:.4f}"
+                )
     for name, r in result["runs"].items():
         if "decode_executed" in r.get("gflops", {}):
             rows.append(

@@ -35,7 +35,7 @@ xy = rng.uniform(0, [w - 20, h - 20], (n, 2))
 boxes = np.concatenate([xy, xy + rng.uniform(6, 20, (n, 2))], 1).astype(np.float32)
 def status(key):  # kB
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key + ":"))
-m = CellSAM.load(model_dir, threads=threads, settings=SegmentSettings(iou_threshold=-1e9)).warmup()
+m = CellSAM.load(model_dir, backend="ort", threads=threads, settings=SegmentSettings(iou_threshold=-1e9)).warmup()
 m.segment(img, boxes=boxes[:1])  # first run: every lazily made buffer exists
 load_peak = status("VmHWM")
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
@@ -83,6 +83,7 @@ def main() -> int:
         "machine": machine_info(),
         "model": model,
         "image": [512, 640],
+        "backend": "ort (FP32)",
         "assembly_chunk": ASSEMBLY_CHUNK,
         "rows": rows,
     }

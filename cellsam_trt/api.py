@@ -11,7 +11,8 @@
 
 ``CellSAM.load`` picks the backend and the scheduler (``resolve``): an engine directory runs on
 TensorRT; a checkpoint on a CUDA device (torch installed) on the torch backend with the GPU
-scheduler; otherwise the CPU default, ONNX Runtime (a checkpoint is exported once and cached).
+scheduler; otherwise the CPU default: OpenVINO where it is installed, else ONNX Runtime (a
+checkpoint is exported once and cached).
 A request that cannot be met raises ``LoadError`` with one line that says why; nothing falls
 back silently to another backend, device or precision. The choice and its reason are logged
 (logger ``cellsam_trt``) and kept in ``CellSAM.description``.
@@ -33,13 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from . import pipeline as P
+from . import weights
 from .engine.base import PRECISIONS, Backend, BackendError
 from .runtime.manifest import MANIFEST, read_manifest
 from .scheduler import CpuScheduler, ItemResult
 
 log = logging.getLogger("cellsam_trt")
 
-BACKENDS = ("auto", "ort", "trt", "torch")
+BACKENDS = ("auto", "ort", "openvino", "trt", "torch")
 
 
 class LoadError(ValueError):
@@ -77,8 +79,21 @@ class Choice:
     reason: str
 
 
-def model_kind(model: str | os.PathLike) -> tuple[str, Path]:
-    """-> ("engines" | "export" | "checkpoint", path), or LoadError naming what is wrong."""
+def model_kind(
+    model: str | os.PathLike, version: str | None = None, models_root: str | os.PathLike | None = None
+) -> tuple[str, Path]:
+    """-> ("engines" | "export" | "checkpoint", path), or LoadError naming what is wrong.
+
+    A model name (a str equal to one of ``weights.MODEL_NAMES``: ``cellsam_general``,
+    ``cellsam_extra``) is the official checkpoint ``<models_root>/cellsam_v<version>/<name>.pt``
+    (models_root: ``~/.deepcell/models``, shared with the official package; version None: the
+    latest); any other str or a Path is a path (``./cellsam_general`` names a local folder).
+    """
+    if weights.is_model_name(model):
+        try:
+            return "checkpoint", weights.find_model(model, version, models_root)
+        except weights.ModelNotFound as e:
+            raise LoadError(str(e)) from e
     path = Path(model)
     if path.is_dir():
         if (path / MANIFEST).is_file():
@@ -106,18 +121,25 @@ def _device(device: str, want_cuda: bool) -> str:
 
 
 def resolve(
-    model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str | None = None
+    model: str | os.PathLike,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str | None = None,
+    *,
+    version: str | None = None,
+    models_root: str | os.PathLike | None = None,
 ) -> Choice:
     """Which backend, device, precision and scheduler ``CellSAM.load`` uses (see the module doc).
 
-    precision None: FP32, or an engine directory's build precision. Raises LoadError when the
-    request cannot be met (no CUDA, precision the backend does not run, library missing).
+    precision None: FP32, or an engine directory's build precision; version / models_root: of a
+    model name (``model_kind``). Raises LoadError when the request cannot be met (no CUDA,
+    precision the backend does not run, library missing, a named model not installed).
     """
     if backend not in BACKENDS:
         raise LoadError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if precision is not None and precision not in PRECISIONS:
         raise LoadError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    kind, path = model_kind(model)
+    kind, path = model_kind(model, version, models_root)
     if kind == "engines":
         if backend not in ("auto", "trt"):
             raise LoadError(f"{path} holds TensorRT engines: they run on backend trt, not {backend}")
@@ -135,6 +157,8 @@ def resolve(
         )
     if backend == "trt":
         raise LoadError(f"{path}: backend trt needs an engine directory (cellsam-trt build --onnx EXPORT --out DIR)")
+    if backend == "openvino" and device not in ("auto", "cpu"):
+        raise LoadError(f"backend openvino: OpenVINO runs on the CPU in this engine, not on {device}")
     cuda = None
     if device == "auto" and kind == "checkpoint" and backend in ("auto", "torch"):
         cuda = cuda_available()
@@ -146,7 +170,10 @@ def resolve(
         )
     prec = precision or "fp32"
     if backend == "auto":
-        if kind == "export":
+        ov_reason = _openvino_default(kind, dev, prec)
+        if ov_reason:
+            backend, reason = "openvino", ov_reason
+        elif kind == "export":
             backend, reason = "ort", "an export directory runs on ONNX Runtime"
         elif dev.startswith("cuda"):
             backend, reason = "torch", "a checkpoint on a CUDA device runs on the torch backend"
@@ -171,6 +198,19 @@ def resolve(
                 f"{path}: exporting a checkpoint for ONNX Runtime needs torch and onnx: "
                 "pip install 'cellsam-trt[export]' (or run an export directory)"
             )
+    if backend == "openvino":
+        if not _has("openvino"):
+            raise LoadError("backend openvino needs OpenVINO: pip install 'cellsam-trt[openvino]'")
+        problem = _openvino_precision_problem(prec)
+        if problem:
+            raise LoadError(problem)
+        if kind == "checkpoint" and prec == "int8":
+            raise LoadError(f"{path}: OpenVINO int8 needs an export quantized with `cellsam-trt quantize`")
+        if kind == "checkpoint" and not (_has("torch") and _has("onnx")):
+            raise LoadError(
+                f"{path}: exporting a checkpoint for OpenVINO needs torch and onnx: "
+                "pip install 'cellsam-trt[export]' (or run an export directory)"
+            )
     if backend == "torch":
         if not _has("torch"):
             raise LoadError("backend torch needs PyTorch: pip install 'cellsam-trt[torch]'")
@@ -178,6 +218,29 @@ def resolve(
             raise LoadError("the torch backend runs fp32, fp16 or bf16; int8: backend ort (export --int8) or trt")
     scheduler = "gpu" if dev.startswith("cuda") and _has("torch") else "cpu"
     return Choice(kind, path, backend, dev, prec, scheduler, reason)
+
+
+def _openvino_precision_problem(precision: str) -> str | None:
+    """Why OpenVINO cannot run ``precision`` natively on this CPU (None: it can)."""
+    from .engine.openvino_backend import cpu_capabilities, precision_problem
+
+    return precision_problem(precision, cpu_capabilities())
+
+
+def _openvino_default(kind: str, device: str, precision: str) -> str | None:
+    """The reason ``backend="auto"`` runs this request on OpenVINO, or None when it does not:
+    OpenVINO is the CPU default where it is installed (faster than ONNX Runtime on the same
+    export, ``benchmarks/bench_cpu.py``). A checkpoint asking for a precision this CPU has no
+    native support for keeps the torch backend; an export directory gets OpenVINO's refusal."""
+    if device != "cpu" or not _has("openvino"):
+        return None
+    if kind == "checkpoint":
+        if not (_has("torch") and _has("onnx")):
+            return None
+        if precision in ("bf16", "fp16") and _openvino_precision_problem(precision):
+            return None
+        return "a checkpoint on the CPU runs on OpenVINO (exported once, cached), the CPU default where installed"
+    return "an export directory on the CPU runs on OpenVINO, the CPU default where installed"
 
 
 def _engine_precision(engine_dir: Path) -> str:
@@ -205,9 +268,25 @@ def _export_checkpoint(model_dir: Path) -> Path:
     return Path(path)
 
 
-def build_backend(choice: Choice, threads: int = 0, export_cache: str | os.PathLike | None = None) -> Backend:
-    """The backend ``choice`` names (libraries imported here, as each needs them)."""
+def _checked_checkpoint(path: Path, strict: bool, load: bool):
+    """The checkpoint's keys checked (``model.checkpoint``: unexpected keys reported, missing keys
+    of parts that run refused, ``strict`` refuses any mismatch); load: -> the loaded model."""
+    from .model.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+
     try:
+        return load_checkpoint(path, strict=strict).model if load else check_checkpoint(path, strict=strict)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from e
+
+
+def build_backend(
+    choice: Choice, threads: int = 0, export_cache: str | os.PathLike | None = None, strict: bool = False
+) -> Backend:
+    """The backend ``choice`` names (libraries imported here, as each needs them). strict: refuse
+    a checkpoint whose keys do not match the layout exactly (default: report unexpected keys)."""
+    try:
+        if choice.kind == "checkpoint" and choice.backend != "torch":  # its export runs: check the keys
+            _checked_checkpoint(choice.path, strict, load=False)  # (memory-mapped, cheap), also when cached
         if choice.backend == "trt":
             from .engine.trt_backend import TrtBackend
 
@@ -226,15 +305,24 @@ def build_backend(choice: Choice, threads: int = 0, export_cache: str | os.PathL
                 model_dir,
                 OrtConfig(providers=providers, threads=threads, precision=choice.precision, device_id=device_id),
             )
+        if choice.backend == "openvino":
+            from .engine.openvino_backend import OvBackend
+
+            model_dir = choice.path
+            if choice.kind == "checkpoint":
+                from .export.cache import export_on_the_fly
+
+                model_dir = export_on_the_fly(choice.path, export_cache, threads, log=log.info)
+            return OvBackend(model_dir, threads=threads, precision=choice.precision)
         import torch
 
         from .engine.torch_backend import TorchBackend
-        from .model.checkpoint import load_checkpoint
 
         if threads:
             torch.set_num_threads(threads)
         path = _export_checkpoint(choice.path) if choice.kind == "export" else choice.path
-        return TorchBackend(load_checkpoint(path).model, device=choice.device, precision=choice.precision)
+        model = _checked_checkpoint(path, strict, load=True)
+        return TorchBackend(model, device=choice.device, precision=choice.precision)
     except LoadError:
         raise
     except (BackendError, OSError, ValueError, ImportError) as e:
@@ -295,17 +383,25 @@ class CellSAM:
         settings: P.SegmentSettings | None = None,
         channels: P.Channels | None = None,
         export_cache: str | os.PathLike | None = None,
+        strict: bool = False,
+        version: str | None = None,
+        models_root: str | os.PathLike | None = None,
         **scheduler_options,
     ) -> CellSAM:
         """Load ``model``: an export directory (``cellsam-trt export``), a TensorRT engine
-        directory (``cellsam-trt build``) or a checkpoint file (CellSAM or SAM, weights only).
+        directory (``cellsam-trt build``), a checkpoint file (CellSAM or SAM, weights only) or a
+        model name: ``"cellsam_general"`` / ``"cellsam_extra"``, the official checkpoint in
+        ``<models_root>/cellsam_v<version>/`` (default ``~/.deepcell/models``, latest version;
+        ``cellsam-trt fetch`` or ``cellsam_trt.models.fetch_model`` installs it).
 
         backend: auto, ort, trt or torch; device: auto, cpu, cuda or cuda:N; precision: fp32,
         fp16, bf16 or int8 (None: fp32, or an engine directory's build precision); threads: CPU
         threads (0: the library's default); channels: the default ``Channels`` of every call;
-        export_cache: where a checkpoint's export for ONNX Runtime is kept.
+        export_cache: where a checkpoint's export for ONNX Runtime is kept; strict: refuse a
+        checkpoint whose keys do not match the layout exactly (default: unexpected keys are
+        reported as a ``CheckpointWarning``; keys missing from a part that runs are always refused).
         """
-        choice = resolve(model, backend, device, precision)
+        choice = resolve(model, backend, device, precision, version=version, models_root=models_root)
         log.info(
             "cellsam_trt: %s on %s (%s, %s, %s scheduler): %s",
             choice.path,
@@ -316,23 +412,41 @@ class CellSAM:
             choice.reason,
         )
         settings = P.with_channels(settings or P.SegmentSettings(), channels)
-        be = build_backend(choice, threads, export_cache)
+        be = build_backend(choice, threads, export_cache, strict)
         desc = {"model": str(choice.path), "reason": choice.reason}
-        if choice.kind == "checkpoint" and choice.backend == "ort":
+        if weights.is_model_name(model):
+            desc["model_name"] = f"{model} v{weights.release(version).version}"
+        if choice.kind == "checkpoint" and choice.backend in ("ort", "openvino"):
             desc["export"] = str(be.model_dir)  # the cached export it runs
         return cls(be, settings, choice.scheduler, description=desc, **scheduler_options)
 
     # -- one image -----------------------------------------------------------------------------
     def segment(
-        self, image: np.ndarray, boxes=None, points=None, point_labels=None, channels: P.Channels | None = None
+        self,
+        image: np.ndarray,
+        boxes=None,
+        points=None,
+        point_labels=None,
+        channels: P.Channels | None = None,
+        scale=None,
+        scale_estimator: str = "model",
     ) -> P.Segmentation:
         """Segment one image ((H, W) or 3-D with channels, any numeric dtype).
 
         boxes: (N, 4) XYXY; points: (N, P, 2) XY with point_labels (N, P) (1 cell, 0
         background); both in original pixels. Without prompts CellFinder finds the cells.
+        scale: None (the official 1024 x 1024 squash), "auto" (the median cell diameter
+        measured by ``scale_estimator``: "log", "model" or "boxes", then ``scale.plan_scale``)
+        or model-frame pixels per input pixel (float); labels and boxes come back in input
+        pixels, the plan in ``details.scale`` (``cellsam_trt.scale``).
         """
         settings = P.with_channels(self.settings, channels)
-        return P.segment(self.backend, image, P.Prompts(boxes, points, point_labels), settings)
+        prompts = P.Prompts(boxes, points, point_labels)
+        if scale is not None:
+            from . import scale as cell_scale
+
+            return cell_scale.segment(self, image, prompts, settings, scale, scale_estimator)
+        return P.segment(self.backend, image, prompts, settings)
 
     def prompt(self, image: np.ndarray, channels: P.Channels | None = None) -> PromptView:
         """Prepare and embed ``image`` once, for any number of ``PromptView.segment`` calls."""
@@ -413,6 +527,7 @@ class EngineSpec:
     threads: int = 0
     settings: P.SegmentSettings = P.SegmentSettings()
     export_cache: str | None = None
+    strict: bool = False
 
     def build(self) -> tuple[CellSAM, dict]:
         """-> (model, its description for run summaries)."""
@@ -424,6 +539,7 @@ class EngineSpec:
             self.threads,
             settings=self.settings,
             export_cache=self.export_cache,
+            strict=self.strict,
         )
         return m, dict(m.description)
 

@@ -2,7 +2,10 @@
 
 Commands: ``run`` (segment files, folders and slides), ``demo`` (a self-contained run on
 synthetic cells), ``bench`` (time the engine), ``export`` / ``build`` (ONNX graphs, TensorRT
-engines), ``info`` (installed backends and versions).
+engines), ``quantize`` (OpenVINO INT8 of an export), ``fetch`` (the official weights),
+``info`` (installed backends and versions). The environment is read here only:
+``DEEPCELL_ACCESS_TOKEN`` and ``CELLSAM_TRT_MODELS_URL`` (``fetch``), the home folder (the
+official weights cache ``~/.deepcell/models``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from . import io as cio
-from . import outputs
+from . import outputs, weights
 from .api import CellSAM, EngineSpec, LoadError
 from .export.cli import add_export_parser
+from .export.openvino_int8 import add_quantize_parser
 from .export.trt_cli import add_build_parser
-from .pipeline import Channels, Prompts, PromptWarning, SegmentSettings
+from .pipeline import NORMALIZE_MODES, Channels, Prompts, PromptWarning, SegmentSettings
 
 FORMATS = ("tif", "npy", "png")
 
@@ -57,16 +61,41 @@ def _expand_inputs(inputs: list[str], slides: bool = False) -> list[Path]:
     return out
 
 
-NO_MODEL = (
-    "cellsam-trt: no model given. Name one with --model: an export directory (cellsam-trt export), a "
-    "TensorRT engine directory (cellsam-trt build) or a checkpoint file; --synthetic-seed N runs the synthetic "
-    "test checkpoint (random weights, not for real images); `cellsam-trt demo` runs a self-contained example"
+DEFAULT_MODEL = weights.MODEL_NAMES[0]  # cellsam_general
+OTHER_MODELS = (
+    "or name a model with --model (cellsam_general, cellsam_extra, an export directory, a TensorRT engine "
+    "directory or a checkpoint file), or --synthetic-seed N for the synthetic test checkpoint (random weights)"
 )
 
 
+def _models_root() -> Path:
+    """The official weights cache, shared with the official package: ~/.deepcell/models."""
+    return weights.default_root(Path.home())
+
+
+def _named_model(name: str, version: str | None, default: bool = False) -> Path:
+    """The installed checkpoint of a model name, or exit with the message that says how to get it."""
+    try:
+        return weights.find_model(name, version, _models_root())
+    except weights.ModelNotFound as e:
+        if default:
+            raise SystemExit(f"cellsam-trt: no model given and the default {e}; {OTHER_MODELS}") from None
+        raise SystemExit(f"cellsam-trt: {e}") from None
+
+
 def _model_path(args) -> str:
-    """The model the options name (``--model`` / ``--checkpoint`` / ``--synthetic-seed``), or exit."""
-    model = getattr(args, "model", None) or getattr(args, "checkpoint", None)
+    """The model the options name (``--model`` path or name / ``--checkpoint`` /
+    ``--synthetic-seed``; none: the official cellsam_general), or exit."""
+    model = getattr(args, "model", None)
+    version = getattr(args, "model_version", None)
+    if model is not None and weights.is_model_name(model):
+        return str(_named_model(model, version))
+    model = model or getattr(args, "checkpoint", None)
+    if version is not None and (model is not None or getattr(args, "synthetic_seed", None) is not None):
+        raise SystemExit(
+            f"cellsam-trt: --model-version applies to model names ({', '.join(weights.MODEL_NAMES)}), "
+            f"not to {model if model is not None else '--synthetic-seed'}"
+        )
     if model is not None:
         return str(model)
     if getattr(args, "synthetic_seed", None) is not None:
@@ -78,16 +107,22 @@ def _model_path(args) -> str:
         from .model.synthetic import synthetic_checkpoint
 
         return str(synthetic_checkpoint(args.synthetic_seed))
-    raise SystemExit(NO_MODEL)
+    return str(_named_model(DEFAULT_MODEL, version, default=True))
 
 
 def settings_from_args(args) -> SegmentSettings:
+    minmax, normalize = NORMALIZE_MODES[getattr(args, "normalize", None) or "official"]
     return SegmentSettings(
         bbox_threshold=args.bbox_threshold,
         iou_threshold=args.iou_threshold,
         channels=Channels(
             getattr(args, "nuclear_channel", None), getattr(args, "wholecell_channel", None), args.channel_axis
         ),
+        normalize=normalize,
+        minmax=minmax,
+        low_contrast_enhancement=getattr(args, "low_contrast_enhancement", False),
+        postprocess=getattr(args, "postprocess", False),
+        remove_boundaries=getattr(args, "remove_boundaries", False),
     )
 
 
@@ -101,6 +136,7 @@ def engine_spec(args) -> EngineSpec:
         threads=args.threads,
         settings=settings_from_args(args),
         export_cache=None if args.export_cache is None else str(args.export_cache),
+        strict=getattr(args, "strict", False),
     )
 
 
@@ -109,19 +145,28 @@ def _build_engine(spec: EngineSpec, **scheduler_options):
     logging.basicConfig(format="%(message)s")
     logging.getLogger("cellsam_trt").setLevel(logging.INFO)
     try:
-        model = CellSAM.load(
-            spec.model,
-            spec.backend,
-            spec.device,
-            spec.precision,
-            spec.threads,
-            settings=spec.settings,
-            export_cache=spec.export_cache,
-            **scheduler_options,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a checkpoint's unexpected keys
+            model = CellSAM.load(
+                spec.model,
+                spec.backend,
+                spec.device,
+                spec.precision,
+                spec.threads,
+                settings=spec.settings,
+                export_cache=spec.export_cache,
+                strict=spec.strict,
+                **scheduler_options,
+            )
     except LoadError as e:
         raise SystemExit(f"cellsam-trt: {e}") from None
-    return model, dict(model.description)
+    finally:
+        said = list(dict.fromkeys(str(w.message) for w in caught))  # a key check and an export both warn
+        for message in said:
+            print(f"cellsam-trt: warning: {message}", file=sys.stderr)
+    info = dict(model.description)
+    if said:
+        info["load_warnings"] = said
+    return model, info
 
 
 def _outputs_for(f: Path, out: Path, args) -> dict[str, Path]:
@@ -155,13 +200,18 @@ def _run_images(model, jobs, boxes, points, args, bar):
     )
     max_pixels = args.max_pixels or cio.default_max_pixels()
     # each file is read in a reader thread, its header checked against the pixel budget first
-    results = model.segment_many((partial(cio.read_image, f, max_pixels=max_pixels) for f, _, _ in jobs), prompt)
+    if args.scale is None:
+        results = model.segment_many((partial(cio.read_image, f, max_pixels=max_pixels) for f, _, _ in jobs), prompt)
+    else:  # one image at a time: each image's scale decides its own plan (one frame or tiles)
+        results = _segment_scaled(model, jobs, prompt, max_pixels, args)
 
     def write(f, paths, entry, item):
         try:
             if item.error is not None:
                 raise item.error
             entry.update(_write_outputs(item.segmentation, paths, args))
+            if item.segmentation.details.scale is not None:
+                entry["scale"] = item.segmentation.details.scale.describe()
             entry.update(status="ok", seconds=round(item.seconds, 3))
             dropped = item.segmentation.details.dropped_prompts
             if len(dropped):
@@ -185,6 +235,23 @@ def _run_images(model, jobs, boxes, points, args, bar):
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _segment_scaled(model, jobs, prompt, max_pixels, args):
+    """``CellSAM.segment(..., scale=args.scale)`` over ``jobs`` in order -> ``ItemResult``s."""
+    from .scheduler import ItemResult
+
+    p = prompt or Prompts()
+    for i, (f, _, _) in enumerate(jobs):
+        t0 = time.perf_counter()
+        try:
+            image = cio.read_image(f, max_pixels=max_pixels)
+            seg = model.segment(
+                image, p.boxes, p.points, p.point_labels, scale=args.scale, scale_estimator=args.scale_estimator
+            )
+            yield ItemResult(i, f, seg, None, time.perf_counter() - t0)
+        except Exception as e:  # reported by name, the job goes on
+            yield ItemResult(i, f, None, e, time.perf_counter() - t0)
 
 
 def _error_message(f: Path, e: BaseException) -> str:
@@ -220,9 +287,13 @@ def _tiled(args) -> bool:
 
 
 def _tile_settings(args, source):
+    from .scale import parse_scale
     from .slide.grid import TileSettings
 
-    scale = args.scale
+    scale = parse_scale(args.scale)  # idempotent: cmd_run parsed it already
+    scale = 1.0 if scale is None else scale
+    if scale == "auto":
+        scale = _auto_tile_scale(args, source)
     if args.target_pixel_size is not None:
         px = args.pixel_size or (source.pixel_size_um[1] if source.pixel_size_um else None)
         if px is None:
@@ -231,6 +302,18 @@ def _tile_settings(args, source):
             )
         scale = TileSettings.scale_for_pixel_size(px, args.target_pixel_size)
     return TileSettings(tile_size=args.tile_size or 1024, overlap=args.overlap, scale=scale)
+
+
+def _auto_tile_scale(args, source) -> float:
+    """``--scale auto`` in tiled mode: the tile scale from the median cell diameter of the
+    slide's central region (at most 2048 x 2048 pixels)."""
+    from .scale import estimate_diameter, tile_scale
+    from .slide.run import ChannelMap
+
+    h, w = min(source.height, 2048), min(source.width, 2048)
+    y0, x0 = (source.height - h) // 2, (source.width - w) // 2
+    region = ChannelMap(args.nuclear_channel, args.wholecell_channel).apply(source.read(y0, y0 + h, x0, x0 + w))
+    return tile_scale(estimate_diameter(region, Channels(axis=-1) if region.ndim == 3 else None))
 
 
 class _SlideRunner:
@@ -343,10 +426,24 @@ def cmd_run(args) -> int:
         points = cio.read_points(args.points) if args.points else None
     except cio.InputError as e:
         raise SystemExit(f"cellsam-trt: {e}") from None
+    from .scale import parse_scale
+
+    try:
+        args.scale = parse_scale(args.scale)
+    except ValueError as e:
+        raise SystemExit(f"cellsam-trt: --scale: {e}") from None
+    if args.scale == "auto" and args.scale_estimator == "boxes" and boxes is None and not _tiled(args):
+        raise SystemExit("cellsam-trt: --scale-estimator boxes needs --boxes")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = engine_spec(args)
     if _tiled(args):
+        if args.low_contrast_enhancement or spec.settings.minmax:
+            raise SystemExit(
+                "cellsam-trt: --low-contrast-enhancement and --normalize pipeline / minmax rescale the whole image, "
+                "which tiled mode never holds; use them without --tile-size / --dask, or "
+                "cellsam_trt.compat.cellsam_pipeline for an image in memory"
+            )
         if args.geojson:
             raise SystemExit("cellsam-trt: --geojson is for whole images; in tiled mode use --table (csv or parquet)")
         runner = _SlideRunner(args, spec)
@@ -515,12 +612,36 @@ def _machine() -> dict:
 
 def _versions() -> dict:
     out = {"python": platform.python_version(), "numpy": np.__version__}
-    for mod in ("torch", "onnxruntime", "onnx", "tensorrt"):
+    for mod in ("torch", "onnxruntime", "onnx", "openvino", "tensorrt"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:
             out[mod] = None
     return out
+
+
+def cmd_fetch(args) -> int:
+    """Install the named official model (the environment gives the token and the endpoint)."""
+    root = _models_root()
+    try:
+        if args.archive is not None:
+            weights.install_archive(args.archive, args.version, root=root, force=args.force)
+            path = weights.find_model(args.name, args.version, root)
+        else:
+            path = weights.fetch_model(
+                args.name,
+                args.version,
+                token=os.environ.get("DEEPCELL_ACCESS_TOKEN") or None,
+                endpoint=os.environ.get("CELLSAM_TRT_MODELS_URL") or None,
+                progress=not args.quiet,
+                root=root,
+                force=args.force,
+            )
+    except (weights.FetchError, weights.ModelNotFound) as e:
+        raise SystemExit(f"cellsam-trt fetch: {e}") from None
+    print(f"cellsam-trt fetch: {args.name} v{args.version} is installed: {path}", file=sys.stderr)
+    print(path)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -545,8 +666,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--model",
-        type=Path,
-        help="export directory (cellsam-trt export), TensorRT engine directory (cellsam-trt build) or checkpoint file",
+        help="a model name: cellsam_general (the default) or cellsam_extra, the official weights in "
+        "~/.deepcell/models (cellsam-trt fetch); or an export directory (cellsam-trt export), a TensorRT engine "
+        "directory (cellsam-trt build) or a checkpoint file (./cellsam_general: a path, not the name)",
     )
     g.add_argument("--checkpoint", type=Path, help="CellSAM (or plain SAM) checkpoint file, loaded weights-only")
     g.add_argument(
@@ -556,17 +678,28 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="the synthetic test checkpoint of this seed (random weights: for tests and demos)",
     )
     p.add_argument(
+        "--model-version",
+        default=None,
+        help=f"version of a named model (default: the latest, {weights.LATEST})",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a checkpoint with unexpected keys or any missing key (default: unexpected keys are "
+        "reported and ignored; keys missing from a part that runs are always refused)",
+    )
+    p.add_argument(
         "--backend",
-        choices=("auto", "ort", "trt", "torch"),
+        choices=("auto", "ort", "openvino", "trt", "torch"),
         default="auto",
-        help="auto: engines -> trt; a checkpoint on CUDA -> torch; else ort",
+        help="auto: engines -> trt; a checkpoint on CUDA -> torch; else openvino where installed, else ort",
     )
     p.add_argument(
         "--precision",
         choices=("fp32", "fp16", "bf16", "int8"),
         default=None,
-        help="fp32 (default; an engine directory: its build precision); fp16 / bf16: torch or trt; "
-        "int8: ort (export --int8) or trt",
+        help="fp32 (default; an engine directory: its build precision); fp16 / bf16: torch, trt or openvino "
+        "(a CPU with native BF16 / FP16); int8: openvino (cellsam-trt quantize), ort (export --int8) or trt",
     )
     p.add_argument(
         "--device",
@@ -604,6 +737,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threshold_options(run)
     run.add_argument("--nuclear-channel", type=int, default=None, help="index of the nuclear channel")
     run.add_argument("--wholecell-channel", type=int, default=None, help="index of the whole-cell channel")
+    official = run.add_argument_group("the official package's optional steps (cellsam_trt.official)")
+    official.add_argument(
+        "--normalize",
+        choices=tuple(NORMALIZE_MODES),
+        default="official",
+        help="official: percentile clip + CLAHE (segment_cellular_image's default); pipeline: per-channel "
+        "min-max first (cellsam_pipeline's); minmax: min-max only; none: the pixels as read",
+    )
+    official.add_argument(
+        "--low-contrast-enhancement",
+        action="store_true",
+        help="CLAHE + gamma on low-contrast images, CellFinder threshold 0.15 in the high-change branches "
+        "(cellsam_pipeline's low_contrast_enhancement; implies the min-max)",
+    )
+    official.add_argument(
+        "--postprocess", action="store_true", help="clean and smooth each mask (segment_cellular_image's postprocess)"
+    )
+    official.add_argument(
+        "--remove-boundaries",
+        action="store_true",
+        help="take a one-pixel outline off the labels (segment_cellular_image's remove_boundaries)",
+    )
     run.add_argument("--table", choices=("csv", "parquet"), help="also write a per-cell table")
     run.add_argument("--geojson", action="store_true", help="also write QuPath-compatible GeoJSON polygons")
     run.add_argument(
@@ -641,7 +796,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="tile overlap in model-frame pixels; cells up to this diameter stay whole (128)",
     )
     slide.add_argument(
-        "--scale", type=float, default=1.0, help="model-frame pixels per slide pixel (> 1 enlarges small cells)"
+        "--scale",
+        default=None,
+        metavar="auto|FLOAT",
+        help="model-frame pixels per image pixel (> 1 enlarges small cells); auto: measure the median cell "
+        "diameter and resample (whole images: padded frame or tiles as needed; tiled mode: the tile scale); "
+        "default: the official 1024 x 1024 squash (tiled mode: 1)",
+    )
+    slide.add_argument(
+        "--scale-estimator",
+        choices=("log", "model", "boxes"),
+        default="model",
+        help="--scale auto on whole images: model (median mask of a first segmentation, default; log when it "
+        "finds too few cells), log (model-free blob scale: exact on clean round cells, fooled by halos and "
+        "texture on phase-contrast images) or boxes (median box side)",
     )
     slide.add_argument("--pixel-size", type=float, default=None, help="slide pixel size in um (default: from the file)")
     slide.add_argument(
@@ -686,9 +854,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, help="write the JSON here (default: print it)")
     bench.set_defaults(func=cmd_bench)
 
+    fetch = sub.add_parser(
+        "fetch",
+        help="install the official CellSAM weights into ~/.deepcell/models: download (DEEPCELL_ACCESS_TOKEN) "
+        "or --archive FILE",
+        description="Download the official weights archive with a DeepCell access token (environment: "
+        "DEEPCELL_ACCESS_TOKEN, from https://users.deepcell.org; CELLSAM_TRT_MODELS_URL: another endpoint, "
+        "e.g. a mirror), or install an archive copied by hand (--archive), into ~/.deepcell/models, the cache "
+        "the official package uses.",
+    )
+    fetch.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=weights.MODEL_NAMES)
+    fetch.add_argument("--version", default=weights.LATEST, help=f"model version (default {weights.LATEST})")
+    fetch.add_argument("--archive", type=Path, help="install this archive (cellsam-models_v<version>.tar.gz)")
+    fetch.add_argument("--force", action="store_true", help="download / install again, replacing what is there")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
+    fetch.set_defaults(func=cmd_fetch)
+
     info = sub.add_parser("info", help="installed backends, versions and GPUs")
     info.set_defaults(func=cmd_info)
     add_export_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import labels as label_ops
+from . import official
 from . import preprocess as pre
 from . import prompts as prompt_ops
 from .engine.base import Backend
@@ -50,6 +51,15 @@ class SegmentSettings:
     min_size: labels with fewer pixels (after hole filling) are removed.
     normalize: percentile clip + CLAHE (the official default).
     channels: ``Channels`` (channel axis, nuclear / whole-cell channel).
+
+    The official package's optional steps (``cellsam_trt.official``, intended semantics), all
+    off by default (``NORMALIZE_MODES`` names the normalisation combinations):
+    minmax: ``cellsam_pipeline``'s pre-normalisation before ``normalize``: float32, each
+      channel min-max rescaled to [0, 1].
+    low_contrast_enhancement: after the min-max (implied), CLAHE + gamma on a low-contrast
+      image, whose CellFinder threshold then becomes 0.15 in the two high-change branches.
+    postprocess: each mask cleaned and smoothed (``postprocess_predictions``), before hole filling.
+    remove_boundaries: a one-pixel outline taken off the final labels (``subtract_boundaries``).
     """
 
     bbox_threshold: float = 0.4
@@ -57,6 +67,21 @@ class SegmentSettings:
     min_size: int = 25
     normalize: bool = True
     channels: Channels = Channels()
+    minmax: bool = False
+    low_contrast_enhancement: bool = False
+    postprocess: bool = False
+    remove_boundaries: bool = False
+
+
+# normalisation modes by name -> (minmax, normalize): "official" = segment_cellular_image's
+# default; "pipeline" = cellsam_pipeline's (min-max first); "minmax" = min-max only (what its
+# cell-size gauge feeds the model); "none" = segment_cellular_image(normalize=False)
+NORMALIZE_MODES = {
+    "official": (False, True),
+    "pipeline": (True, True),
+    "minmax": (True, False),
+    "none": (False, False),
+}
 
 
 @dataclass
@@ -90,6 +115,7 @@ class Details:
     lowres_logits: (N, 256, 256) float32 of every prompt, when asked for (``keep_logits``).
     detections: raw CellFinder outputs (pred_logits, pred_boxes), when asked for.
     dropped_prompts: (D,) int64 positions of the user's prompts dropped as outside the image.
+    scale: the ``scale.ScalePlan`` a ``scale=`` segmentation ran (None: the official squash).
     """
 
     labels_raw: np.ndarray
@@ -102,6 +128,7 @@ class Details:
     lowres_logits: np.ndarray | None = field(default=None, repr=False)
     detections: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     dropped_prompts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scale: object = None
 
 
 @dataclass
@@ -129,11 +156,13 @@ class Segmentation:
 @dataclass
 class Prepared:
     """One image after ``prepare``: the squashed model-frame image (3, 1024, 1024) float32 and
-    the original height and width in pixels."""
+    the original height and width in pixels; bbox_threshold: this image's CellFinder threshold
+    when a step set one (low-contrast enhancement), else None (the settings')."""
 
     squashed: np.ndarray
     height: int
     width: int
+    bbox_threshold: float | None = None
 
 
 @dataclass
@@ -203,12 +232,23 @@ def validate_image(image: np.ndarray) -> np.ndarray:
 
 def prepare(image: np.ndarray, settings: SegmentSettings) -> Prepared:
     """Image ((H, W) or 3-D with channels, any numeric dtype) -> ``Prepared``: channels picked
-    (``settings.channels``), normalised (percentile clip + CLAHE), squashed to 1024 x 1024."""
+    (``settings.channels``), optionally min-max rescaled and enhanced (``settings.minmax``,
+    ``low_contrast_enhancement``), normalised (percentile clip + CLAHE), squashed to 1024 x 1024."""
+    norm, threshold = normalized(image, settings)
+    return Prepared(pre.squashed(norm), norm.shape[0], norm.shape[1], threshold)
+
+
+def normalized(image: np.ndarray, settings: SegmentSettings) -> tuple[np.ndarray, float | None]:
+    """``prepare`` before the squash: -> ((H, W, 3) float64 normalised image, the CellFinder
+    threshold the low-contrast enhancement sets or None)."""
     ch = settings.channels
     image, axis = pre.select_channels(validate_image(image), ch.axis, ch.nuclear, ch.wholecell)
     hwc = pre.to_three_channels(image, axis)
-    norm = pre.normalize_image(hwc) if settings.normalize else hwc
-    return Prepared(pre.squashed(norm), norm.shape[0], norm.shape[1])
+    threshold = None
+    if settings.minmax or settings.low_contrast_enhancement:
+        n_channels = 1 if image.ndim == 2 else image.shape[int(np.argmin(image.shape)) if axis is None else axis]
+        hwc, threshold = official.prenormalize(hwc, n_channels, settings.low_contrast_enhancement)
+    return (pre.normalize_image(hwc) if settings.normalize else hwc), threshold
 
 
 def detect(backend: Backend, squashed: np.ndarray, settings: SegmentSettings) -> PromptSet:
@@ -236,6 +276,8 @@ def find_prompts(
             raise ValueError("this model has no CellFinder: give box or point prompts")
         if not np.any(prepared.squashed):
             return None
+        if prepared.bbox_threshold is not None:
+            settings = replace(settings, bbox_threshold=prepared.bbox_threshold)
         return detect(backend, prepared.squashed, settings)
     boxes, pts, lab, index, dropped = fit_prompts(p, h, w)
     out = PromptSet(index=index, dropped=dropped)
@@ -337,8 +379,13 @@ def finish(
     lowres=None,
     keep_logits: bool = False,
 ) -> Segmentation:
-    """Hole filling and small-object removal, kept boxes back in original pixels -> result."""
-    final, sources = label_ops.fill_holes_and_remove_small_masks_with_sources(labels_raw, settings.min_size)
+    """Hole filling and small-object removal (after ``settings.postprocess``, before
+    ``settings.remove_boundaries``, as the official order), kept boxes back in original pixels
+    -> result. ``Details.labels_raw`` stays the label map as assembled."""
+    cleaned = official.postprocess(labels_raw) if settings.postprocess else labels_raw
+    final, sources = label_ops.fill_holes_and_remove_small_masks_with_sources(cleaned, settings.min_size)
+    if settings.remove_boundaries:
+        final = official.remove_boundaries(final)
     h, w = prepared.height, prepared.width
     return Segmentation(
         labels=final,

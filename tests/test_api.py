@@ -24,9 +24,10 @@ def model(tiny_export):
         yield m
 
 
-def test_load_picks_onnx_runtime_for_an_export(model, tiny_export):
+def test_load_picks_the_cpu_default_for_an_export(model, tiny_export):
     d = model.description
-    assert (d["backend"], d["device"], d["precision"], d["scheduler"]) == ("ort", "cpu", "fp32", "cpu")
+    default = "openvino" if api._has("openvino") else "ort"  # OpenVINO where installed (api.resolve)
+    assert (d["backend"], d["device"], d["precision"], d["scheduler"]) == (default, "cpu", "fp32", "cpu")
     assert "export directory" in d["reason"] and d["model"] == str(tiny_export)
 
 
@@ -193,14 +194,19 @@ def test_torch_backend_on_an_export_gives_the_same_labels(tiny_export):
 def test_resolve_rules(tiny_export, tmp_path):
     ck = tmp_path / "model.pt"
     ck.write_bytes(b"x")
+    # the CPU default: OpenVINO where installed, else ONNX Runtime
+    cpu_default = "openvino" if api._has("openvino") else "ort"
     c = api.resolve(tiny_export)
-    assert (c.kind, c.backend, c.device, c.precision, c.scheduler) == ("export", "ort", "cpu", "fp32", "cpu")
+    assert (c.kind, c.backend, c.device, c.precision, c.scheduler) == ("export", cpu_default, "cpu", "fp32", "cpu")
     c = api.resolve(ck, device="cpu")
-    assert (c.kind, c.backend) == ("checkpoint", "ort") and "exported once" in c.reason
+    assert (c.kind, c.backend) == ("checkpoint", cpu_default) and "exported once" in c.reason
     c = api.resolve(ck, backend="torch", device="cpu", precision="bf16")
     assert (c.backend, c.precision, c.scheduler) == ("torch", "bf16", "cpu")
-    c = api.resolve(ck, device="cpu", precision="bf16")  # the CPU default cannot run bf16: torch, said so
-    assert c.backend == "torch" and "bf16 on the CPU" in c.reason
+    c = api.resolve(ck, device="cpu", precision="bf16")  # no native bf16 for the CPU default: torch, said so
+    if cpu_default == "openvino" and api._openvino_precision_problem("bf16") is None:
+        assert c.backend == "openvino" and c.precision == "bf16"
+    else:
+        assert c.backend == "torch" and "bf16 on the CPU" in c.reason
     for kwargs, message in [
         (dict(backend="tflite"), "backend must be one of"),
         (dict(precision="fp8"), "precision must be one of"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zlib
 
 import numpy as np
@@ -11,7 +12,14 @@ import pytest
 import torch
 
 from cellsam_trt.model.cellsam import CellSAMConfig
-from cellsam_trt.model.checkpoint import CheckpointError, load_checkpoint, load_state_dict
+from cellsam_trt.model.checkpoint import (
+    CheckpointError,
+    CheckpointWarning,
+    check_checkpoint,
+    load_checkpoint,
+    load_state_dict,
+    to_official_layout,
+)
 from cellsam_trt.model.synthetic import (
     canonical_name,
     official_layout,
@@ -99,18 +107,86 @@ def test_nested_state_dict_and_head_aliases(tmp_path):
     )
 
 
-def test_missing_and_unexpected_keys_are_listed(tmp_path):
-    sd = synthetic_state_dict(0, TINY)
-    del sd["model.mask_decoder.iou_token.weight"]
-    sd["model.extra.weight"] = torch.zeros(3)
-    path = tmp_path / "broken.pt"
+@pytest.fixture(scope="module")
+def tiny_state(tiny_model):
+    """The tiny synthetic checkpoint's state dict, official layout (from the session's model:
+    making it afresh takes ~10 s); tests take shallow copies."""
+    return to_official_layout(tiny_model.state_dict(), TINY.cellfinder.dec_layers)
+
+
+def _saved(tmp_path, sd, name="ck.pt"):
+    path = tmp_path / name
     torch.save(sd, path)
-    with pytest.raises(CheckpointError) as e:
-        load_checkpoint(path, cfg=TINY)
-    msg = str(e.value)
-    assert str(path) in msg and "model.mask_decoder.iou_token.weight" in msg and "model.extra.weight" in msg
-    ck = load_checkpoint(path, cfg=TINY, strict=False)  # explicitly lenient
-    assert ck.kind == "cellsam"
+    return path
+
+
+def test_unexpected_keys_are_reported_and_the_model_loads(tmp_path, tiny_state):
+    """The official loader ignores them silently; here they are listed, and --strict refuses."""
+    sd = dict(tiny_state)
+    sd["model.extra.weight"] = torch.zeros(3)
+    sd["cellfinder.decode_head.aux_head.bias"] = torch.zeros(2)
+    path = _saved(tmp_path, sd)
+    with pytest.warns(CheckpointWarning, match="2 unexpected keys ignored") as w:
+        ck = load_checkpoint(path, cfg=TINY)
+    assert str(path) in str(w[0].message) and "model.extra.weight" in str(w[0].message)
+    assert ck.unexpected == ("cellfinder.decode_head.aux_head.bias", "model.extra.weight")
+    assert ck.unused_missing == () and ck.adv_mode
+    key = "model_cp.mask_decoder.iou_token.weight"
+    assert torch.equal(ck.model.model_cp.mask_decoder.iou_token.weight, sd[key])
+    with pytest.raises(CheckpointError, match=r"\(strict\); unexpected keys: cellfinder.decode_head.aux_head.bias"):
+        load_checkpoint(path, cfg=TINY, strict=True)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "model_cp.image_encoder.blocks.0.attn.qkv.weight",
+        "model_cp.prompt_encoder.point_embeddings.2.weight",
+        "cellfinder.decode_head.transformer.position.weight",
+    ],
+)
+def test_missing_keys_of_parts_that_run_are_refused_with_the_list(tmp_path, tiny_state, key):
+    sd = dict(tiny_state)
+    del sd[key]
+    del sd["model_cp.mask_decoder.mask_tokens.weight"]
+    path = _saved(tmp_path, sd)
+    for strict in (False, True):
+        with pytest.raises(CheckpointError, match="missing from parts that run") as e:
+            load_checkpoint(path, cfg=TINY, strict=strict)
+        msg = str(e.value)
+        assert str(path) in msg and key in msg and "model_cp.mask_decoder.mask_tokens.weight" in msg
+        with pytest.raises(CheckpointError, match=key):
+            check_checkpoint(path, cfg=TINY, strict=strict)
+
+
+def test_missing_keys_of_parts_that_never_run_are_reported(tmp_path, tiny_state):
+    """In adv mode the ``model.`` copy makes nothing (``model_cp.`` does); the prompt encoder's
+    mask-prompt branch never runs. Their absence is reported and the model loads."""
+    sd = dict(tiny_state)
+    unused = ["model.mask_decoder.iou_token.weight", "model_cp.prompt_encoder.mask_downscaling.0.weight"]
+    for k in unused:
+        del sd[k]
+    path = _saved(tmp_path, sd)
+    with pytest.warns(CheckpointWarning, match="2 keys of parts that never run are absent"):
+        ck = load_checkpoint(path, cfg=TINY)
+    assert ck.unused_missing == tuple(sorted(unused)) and ck.unexpected == ()
+    assert check_checkpoint(path, cfg=TINY).unused_missing == ck.unused_missing
+    with pytest.raises(CheckpointError, match="strict.*model.mask_decoder.iou_token.weight"):
+        load_checkpoint(path, cfg=TINY, strict=True)
+    # without model_cp the model. copy makes the masks: the same key is now needed
+    nocp = {k: v for k, v in sd.items() if not k.startswith("model_cp.")}
+    with pytest.raises(CheckpointError, match="missing from parts that run.*model.mask_decoder.iou_token.weight"):
+        load_state_dict(nocp, cfg=TINY)
+
+
+def test_a_matching_checkpoint_gives_no_report(tmp_path, tiny_state):
+    path = _saved(tmp_path, tiny_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = check_checkpoint(path, strict=True)  # architecture read off the shapes
+        ck = load_checkpoint(path, strict=True)
+    assert report.cfg == TINY and report.kind == "cellsam" and report.adv_mode
+    assert (report.unexpected, report.unused_missing, ck.unexpected, ck.unused_missing) == ((), (), (), ())
 
 
 def test_wrong_shape_is_reported(tmp_path):

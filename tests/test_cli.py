@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -214,10 +215,10 @@ def test_console_script_info():
 
 
 def test_run_on_an_export_uses_onnx_runtime(tiny_checkpoint, tiny_export, images, tmp_path):
-    """--model DIR runs ONNX Runtime; its labels match the PyTorch reference run."""
+    """--model DIR --backend ort runs ONNX Runtime; its labels match the PyTorch reference run."""
     d, boxes = images
     out_ort, out_torch = tmp_path / "ort", tmp_path / "torch"
-    assert run(d / "a.tif", "--out", out_ort, "--model", tiny_export, "--boxes", boxes) == 0
+    assert run(d / "a.tif", "--out", out_ort, "--model", tiny_export, "--boxes", boxes, "--backend", "ort") == 0
     summary = json.loads((out_ort / "run_summary.json").read_text())
     assert summary["backend"] == "ort" and summary["files"][0]["status"] == "ok"
     ckpt = json.loads((tiny_export / "manifest.json").read_text())["checkpoint"]["path"]
@@ -267,11 +268,17 @@ def test_trt_backend_needs_engines_and_tensorrt(tiny_export, tmp_path, capsys):
     assert "CUDA device, not the CPU" in capsys.readouterr().err
 
 
-def test_a_run_without_a_model_says_how_to_name_one(images, tmp_path, capsys):
+def test_a_run_without_a_model_says_how_to_name_one(images, tmp_path, capsys, monkeypatch):
+    """No model flag: the official cellsam_general from ~/.deepcell/models; where it is not
+    installed, one line with both ways to get it and the other ways to name a model."""
     d, _ = images
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # an empty home: no official weights
     assert cli.main(["run", str(d / "a.tif"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "no model given" in err and "--model" in err and "--synthetic-seed" in err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no model given and the default model cellsam_general" in err
+    assert str(tmp_path / "home" / ".deepcell" / "models" / "cellsam_v1.2" / "cellsam_general.pt") in err
+    assert "DEEPCELL_ACCESS_TOKEN=<token> cellsam-trt fetch" in err and "cellsam-trt fetch --archive" in err
+    assert "--model" in err and "--synthetic-seed" in err
     assert not (tmp_path / "o" / "a_labels.tif").exists()
 
 
@@ -361,7 +368,9 @@ def test_auto_backend_runs_a_checkpoint_on_onnx_runtime_on_the_cpu(tiny_checkpoi
         == 0
     )
     summary = json.loads((tmp_path / "o" / "run_summary.json").read_text())
-    assert summary["backend"] == "ort" and summary["scheduler"] == "cpu" and "ONNX Runtime" in summary["reason"]
+    # the CPU default: OpenVINO where installed (tests/test_openvino_backend.py), else ONNX Runtime
+    default, name = ("openvino", "OpenVINO") if importlib.util.find_spec("openvino") else ("ort", "ONNX Runtime")
+    assert summary["backend"] == default and summary["scheduler"] == "cpu" and name in summary["reason"]
 
 
 def test_ort_backend_exports_a_checkpoint_on_the_fly(tiny_checkpoint, images, tmp_path):
@@ -426,6 +435,8 @@ def test_bench_reports_rates_and_machine(tiny_export, tmp_path):
                 "bench",
                 "--model",
                 str(tiny_export),
+                "--backend",
+                "ort",
                 "--images",
                 "2",
                 "--size",

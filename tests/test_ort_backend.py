@@ -192,8 +192,12 @@ def test_int8_precision_runs_and_agrees_roughly(tiny_export):
     x = np.random.default_rng(2).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
     a, b = fp.encode(x), q.encode(x)
     assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
-    with pytest.raises(BackendError, match="fp32 or int8, not 'fp8'"):
+    with pytest.raises(BackendError, match="fp32, fp16, bf16, int8, not 'fp8'"):
         OrtBackend(tiny_export, precision="fp8")
+    # annotated FP16 / BF16 graphs run only through the TensorRT provider, never silently as FP32
+    for p in ("fp16", "bf16"):
+        with pytest.raises(BackendError, match=f"{p} runs on ONNX Runtime only through its TensorRT execution"):
+            OrtBackend(tiny_export, precision=p, providers=["cpu"])
 
 
 def test_provider_resolution():
@@ -208,14 +212,16 @@ def test_provider_resolution():
 
 def test_tensorrt_profiles_come_from_the_spec():
     spec = S.model_specs()[S.DECODER]
-    opts = trt_provider_options(spec, OrtConfig(trt_fp16=True, trt_cache_dir="/tmp/trt"))
+    opts = trt_provider_options(spec, OrtConfig(trt_cache_dir="/tmp/trt"))
     b = S.Bounds()
     assert opts["trt_profile_min_shapes"] == "image_embeddings:1x256x64x64,point_coords:1x1x2,point_labels:1x1"
     assert opts["trt_profile_max_shapes"] == (
         f"image_embeddings:1x256x64x64,point_coords:{b.max_prompts}x"
         f"{b.max_points}x2,point_labels:{b.max_prompts}x{b.max_points}"
     )
-    assert opts["trt_fp16_enable"] is True and opts["trt_engine_cache_enable"] is True
+    # the precision is in the graph: the provider's own FP16 / INT8 switches stay off (strongly typed)
+    assert opts["trt_fp16_enable"] is False and opts["trt_int8_enable"] is False
+    assert opts["trt_engine_cache_enable"] is True
 
 
 def test_bad_options(tiny_export):

@@ -1,11 +1,14 @@
-"""ONNX Runtime FP32 on the full synthetic model meets the PyTorch path's golden tolerances;
-the INT8 option's agreement with FP32 is measured by matched-instance IoU.
+"""ONNX Runtime FP32 and OpenVINO FP32 on the full synthetic model meet the PyTorch path's golden
+tolerances; the INT8 option's agreement with FP32 is measured by matched-instance IoU.
 
 The full-size export is made once (``full_exports``, via the CLI) and cached by checkpoint
-identity and exporter code.
+identity and exporter code; both engines run that same export (OpenVINO keeps its IR and
+compiled-model cache beside it).
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -16,28 +19,35 @@ TENSOR_TOL = 1e-3
 PIXEL_AGREEMENT = 0.999
 ORT_AUTO_CASES = ["YeaZ_auto", "tissuenet_auto"]  # the two with a golden CellFinder input
 INT8_CASES = ["YeaZ_boxes", "tissuenet_boxes"]
+# every FP32 case runs on each installed CPU engine (OpenVINO: pip install ".[openvino]")
+ENGINES = ["ort"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
 
 _BACKENDS: dict = {}
 _RUNS: dict = {}
 
 
-def _backend(full_exports, variant: str, precision: str = "fp32"):
-    key = (variant, precision)
+def _backend(full_exports, variant: str, precision: str = "fp32", engine: str = "ort"):
+    key = (variant, precision, engine)
     if key not in _BACKENDS:
-        from cellsam_trt.engine.ort_backend import OrtBackend
+        if engine == "openvino":
+            from cellsam_trt.engine.openvino_backend import OvBackend
 
-        _BACKENDS[key] = OrtBackend(full_exports[variant], precision=precision)
+            _BACKENDS[key] = OvBackend(full_exports[variant], precision=precision)
+        else:
+            from cellsam_trt.engine.ort_backend import OrtBackend
+
+            _BACKENDS[key] = OrtBackend(full_exports[variant], precision=precision)
     return _BACKENDS[key]
 
 
-def run_case(reference, full_exports, case, precision="fp32"):
-    """Run a golden case once per session; returns (golden, result, backend)."""
-    key = (case, precision)
+def run_case(reference, full_exports, case, precision="fp32", engine="ort"):
+    """Run a golden case once per session and engine; returns (golden, result, backend)."""
+    key = (case, precision, engine)
     if key not in _RUNS:
         from cellsam_trt import pipeline as P
 
         g = load_golden(reference, case)
-        backend = _backend(full_exports, "nocp" if case.endswith("nocp") else "adv", precision)
+        backend = _backend(full_exports, "nocp" if case.endswith("nocp") else "adv", precision, engine)
         if "_boxes" in case:
             res = P.segment(
                 backend,
@@ -63,9 +73,11 @@ def test_export_manifests(full_exports):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", BOX_CASES)
-def test_ort_box_prompt_case(reference, full_exports, case):
-    g, res, backend = run_case(reference, full_exports, case)
+def test_ort_box_prompt_case(reference, full_exports, case, engine):
+    g, res, backend = run_case(reference, full_exports, case, engine=engine)
+    assert backend.name == engine and backend.precision == "fp32"
     assert g["meta"]["adv_mode"] == backend.adv_mode
     d = res.details
     emb = np.abs(d.embedding - g["embedding"]).max()
@@ -76,12 +88,14 @@ def test_ort_box_prompt_case(reference, full_exports, case):
     agree = (res.labels == g["mask"]).mean()
     record(
         case,
-        ort_embedding_maxabs=emb,
-        ort_lowres_maxabs=lowres,
-        ort_iou_maxabs=iou,
-        ort_raw_label_agreement=raw_agree,
-        ort_label_agreement=agree,
-        ort_kept=f"{len(d.prompt_index)}/{len(g['kept'])}",
+        **{
+            f"{engine}_embedding_maxabs": emb,
+            f"{engine}_lowres_maxabs": lowres,
+            f"{engine}_iou_maxabs": iou,
+            f"{engine}_raw_label_agreement": raw_agree,
+            f"{engine}_label_agreement": agree,
+            f"{engine}_kept": f"{len(d.prompt_index)}/{len(g['kept'])}",
+        },
     )
     assert emb <= TENSOR_TOL
     assert lowres <= TENSOR_TOL
@@ -94,10 +108,12 @@ def test_ort_box_prompt_case(reference, full_exports, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("case", ORT_AUTO_CASES)
-def test_ort_automatic_case(reference, full_exports, case):
+def test_ort_automatic_case(reference, full_exports, case, engine):
     assert set(ORT_AUTO_CASES) <= set(AUTO_CASES)
-    g, res, backend = run_case(reference, full_exports, case)
+    g, res, backend = run_case(reference, full_exports, case, engine=engine)
+    assert backend.name == engine
     logits, boxes = res.details.detections
     dl = np.abs(logits - g["pred_logits"]).max()
     db = np.abs(boxes - g["pred_boxes"]).max()
@@ -106,10 +122,12 @@ def test_ort_automatic_case(reference, full_exports, case):
     gl, gb = backend.detect(g["cellfinder_input"])
     record(
         case,
-        ort_pred_logits_maxabs=dl,
-        ort_pred_boxes_maxabs=db,
-        ort_threshold_absdiff=dthr,
-        ort_cellfinder_on_golden_input_logits=np.abs(gl - g["pred_logits"]).max(),
+        **{
+            f"{engine}_pred_logits_maxabs": dl,
+            f"{engine}_pred_boxes_maxabs": db,
+            f"{engine}_threshold_absdiff": dthr,
+            f"{engine}_cellfinder_on_golden_input_logits": np.abs(gl - g["pred_logits"]).max(),
+        },
     )
     assert dl <= TENSOR_TOL and db <= TENSOR_TOL
     assert np.abs(gl - g["pred_logits"]).max() <= TENSOR_TOL and np.abs(gb - g["pred_boxes"]).max() <= TENSOR_TOL

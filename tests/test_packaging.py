@@ -50,8 +50,9 @@ def test_extras():
     extras = PROJECT["optional-dependencies"]
     want = {
         "ort": {"onnxruntime>=1.17"},
-        "openvino": {"openvino>=2024.0"},
-        "trt": {"tensorrt>=10.0", "cuda-python>=12.0"},
+        "openvino": {"openvino>=2025.0", "nncf>=2.16"},
+        "trt": {"tensorrt-cu12>=10.3,<12", "cuda-python>=12.6,<13"},
+        "trt-cu13": {"tensorrt-cu13>=10.13.2,<12", "cuda-python>=13,<14"},
         "torch": {"torch>=2.1"},
         "slide": {"zarr>=3.0", "dask[distributed]>=2024.1"},
     }

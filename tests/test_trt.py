@@ -1,12 +1,12 @@
 """TensorRT engine building and loading: what can be checked without TensorRT or a GPU.
 
-* the build plan from the specs (profiles, flags, FP32 layers, INT8 scope, workspace, caches),
-  with the layer rules checked against the node names of a real (tiny) ONNX export;
+* the build plan from the specs (profiles, strongly typed network, TF32, the annotated graph
+  file per precision, workspace, caches, the TensorRT version range), on a real (tiny) export;
 * the engine container (header write / read / compatibility check with the rebuild command),
   on fake engine bytes (this tests the container, not an engine);
-* the INT8 calibration data (same preprocessing as the pipeline) and the calibrator logic
-  with a fake "device" copy;
-* ``cellsam-trt build --dry-run``.
+* ``cellsam-trt build --dry-run`` for TensorRT 11.4, 10.13 and 10.3.
+
+The precision-annotated graphs themselves are tested in ``test_precision.py``.
 
 Tests that build or run real engines need TensorRT and a CUDA GPU and are skipped otherwise.
 """
@@ -14,7 +14,6 @@ Tests that build or run real engines need TensorRT and a CUDA GPU and are skippe
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -55,41 +54,26 @@ def specs():
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """A real export directory of the tiny model (three ONNX graphs + manifest)."""
-    import torch
+def fp16_export(tiny_export, tmp_path_factory):
+    """A copy of the session's tiny export with its FP16 graphs (``cellsam-trt export --precision fp16``)."""
+    import shutil
 
-    from cellsam_trt.export.onnx_export import export_model
-    from cellsam_trt.model.cellsam import CellSAMConfig
-    from cellsam_trt.model.checkpoint import load_state_dict
-    from cellsam_trt.model.synthetic import synthetic_state_dict
+    from cellsam_trt.export.precision import annotate_export
 
-    torch.manual_seed(0)
-    cfg = CellSAMConfig.tiny()
-    model, _ = load_state_dict(synthetic_state_dict(0, cfg), cfg=cfg)
-    out = tmp_path_factory.mktemp("tiny_export")
-    export_model(model, out, image_batches=(1,), decoder_prompts=(2,))
+    out = tmp_path_factory.mktemp("fp16_export") / "onnx"
+    shutil.copytree(tiny_export, out)
+    annotate_export(out, "fp16")
     return out
 
 
-@pytest.fixture(scope="module")
-def node_names(tiny_export):
-    import onnx
-
-    out = {}
-    for m in S.MODEL_NAMES:
-        model = onnx.load(str(tiny_export / f"{m}.onnx"), load_external_data=False)
-        out[m] = {n.name: n.op_type for n in model.graph.node}
-    return out
-
-
-def _plan(spec, gpu=H100, tmp="/tmp/engines", **opts):
+def _plan(spec, gpu=H100, tmp="/tmp/engines", tensorrt="11.4", **opts):
     return TB.plan_build(
         spec,
         TB.BuildOptions(**opts),
         gpu,
         f"/x/{spec.filename}",
         tmp,
+        tensorrt=tensorrt,
         export_info={"adv_mode": True, "has_detector": True},
     )
 
@@ -127,97 +111,66 @@ def test_profile_overrides(specs):
         _plan(specs[S.ENCODER], max_batch=0)
 
 
-def test_flags_per_precision(specs):
-    enc = specs[S.ENCODER]
-    p32 = _plan(enc, precision="fp32")
-    assert p32.flags == () and p32.clear_flags == ("TF32",) and p32.fp32_patterns == ()
-    assert p32.layer_precision("/encoder/blocks.0/norm1/LayerNormalization", "NORMALIZATION") is None
-    p16 = _plan(enc, precision="fp16")
-    assert p16.flags == ("FP16", "OBEY_PRECISION_CONSTRAINTS")
-    assert _plan(enc, precision="fp16", strict_precision=False).flags == ("FP16", "PREFER_PRECISION_CONSTRAINTS")
-    assert _plan(enc, precision="bf16").flags == ("BF16", "OBEY_PRECISION_CONSTRAINTS")
+def test_strongly_typed_for_every_precision(specs):
+    """No builder precision flag in any plan: the graph carries the precision."""
+    enc, dec = specs[S.ENCODER], specs[S.DECODER]
+    for p in ("fp32", "fp16", "bf16", "int8"):
+        plan = _plan(enc, precision=p)
+        assert plan.network_flags == ("STRONGLY_TYPED",) and plan.flags == () and plan.clear_flags == ("TF32",)
+        assert plan.graph_precision == p
+    assert _plan(dec, precision="int8").graph_precision == "fp16"  # the decoder has no INT8 graph
     t = _plan(enc, precision="fp32", tf32=True)
     assert t.flags == ("TF32",) and t.clear_flags == ()
     with pytest.raises(TB.PlanError, match="bf16 needs compute capability >= 8.0.*fp16"):
         _plan(enc, gpu=T4, precision="bf16")
-    with pytest.raises(TB.PlanError, match="precision must be one of"):
-        _plan(enc, precision="fp8")
-    with pytest.raises(TB.PlanError, match="invalid --keep-fp32"):
-        _plan(enc, keep_fp32=("(",))
-
-
-def test_fp32_layer_rules_on_real_node_names(tiny_export, node_names):
-    """Every normalization, softmax, positional sin/cos and CellFinder head layer stays FP32;
-    the big matmuls of the trunks do not."""
-    plans = {p.model: p for p in TB.plan_export(tiny_export, tiny_export / "engines", TB.BuildOptions(), H100)}
-    for m, nodes in node_names.items():
-        plan = plans[m]
-        for name, op in nodes.items():
-            prec = plan.layer_precision(name, "X")
-            if op in ("LayerNormalization", "Softmax", "Sin", "Cos", "InstanceNormalization", "Sigmoid", "Log"):
-                assert prec == "fp32", (m, name, op)
-            if "/class_embed/" in name or "/bbox_embed/" in name or "/neck/neck.1/" in name or "/neck/neck.3/" in name:
-                assert prec == "fp32", (m, name, op)
-            if re.search(r"/blocks\.\d+/(attn/qkv|mlp/lin[12])/MatMul$", name):
-                assert prec is None, (m, name, op)  # FP16 is free to run the trunk's matmuls
-    dec = plans[S.DECODER]
-    # the prompt encoder's Fourier-feature chain (coords -> ... -> @ gaussian -> sin/cos)
-    chain = [n for n in dec.fp32_names if node_names[S.DECODER][n] == "MatMul"]
-    assert len(chain) == 1
-    assert {"Sin", "Cos", "Add", "Div"} <= {node_names[S.DECODER][n] for n in dec.fp32_names}
-    cf = plans[S.CELLFINDER]
-    assert not any("_layers." in n for n in cf.fp32_names)  # heads only, not the DETR layers
-    assert any("class_embed" in n for n in cf.fp32_names) and any("bbox_embed" in n for n in cf.fp32_names)
-    # layer types and non-compute layers
-    assert dec.layer_precision("anything", "SOFTMAX") == "fp32"
-    assert dec.layer_precision("/norm_final_attn/LayerNormalization", "SHAPE") is None
-    # attention scores only on request
-    attn = "/encoder/blocks.0/attn/MatMul"
-    assert attn in node_names[S.ENCODER]
-    assert plans[S.ENCODER].layer_precision(attn, "MATRIX_MULTIPLY") is None
-    p = TB.plan_build(
-        S.ModelSpec.from_dict(plans[S.ENCODER].spec.to_dict()),
-        TB.BuildOptions(fp32_attention=True),
-        H100,
-        "/x/e.onnx",
-        "/tmp/e",
-    )
-    assert p.layer_precision(attn, "MATRIX_MULTIPLY") == "fp32"
-
-
-def test_int8_plan(specs, tmp_path, node_names):
-    enc, cf, dec = specs[S.ENCODER], specs[S.CELLFINDER], specs[S.DECODER]
-    with pytest.raises(TB.PlanError, match="--calib-images"):
-        _plan(enc, tmp=tmp_path, precision="int8")
-    images = tmp_path / "calib"
-    images.mkdir()
-    p = _plan(enc, tmp=tmp_path, precision="int8", calib_images=str(images), calib_batch=2)
-    assert p.flags == ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS")
-    c = p.calibration
-    assert c.batch_shape == (2, 3, 1024, 1024) and c.branch == "sam" and c.adv_mode is True
-    assert c.cache_path == str(tmp_path / "image_encoder.int8.calib")
-    # the trunk may run INT8, the neck is FP16, LayerNorms FP32
-    assert p.layer_precision("/encoder/blocks.0/attn/qkv/MatMul", "MATRIX_MULTIPLY") is None
-    assert p.layer_precision("/encoder/patch_embed/proj/Conv", "CONVOLUTION") is None
-    assert p.layer_precision("/encoder/neck/neck.0/Conv", "CONVOLUTION") == "fp16"
-    assert p.layer_precision("/encoder/blocks.0/norm1/LayerNormalization", "NORMALIZATION") == "fp32"
-    q = _plan(cf, tmp=tmp_path, precision="int8", calib_images=str(images))
-    assert q.calibration.branch == "cellfinder"
-    assert q.layer_precision("/finder/backbone/body/blocks.0/attn/qkv/MatMul", "MATRIX_MULTIPLY") is None
-    assert q.layer_precision("/finder/transformer/encoder_layers.0/ffn/linear1/MatMul", "MATRIX_MULTIPLY") == "fp16"
-    for name in node_names[S.CELLFINDER]:
-        if "/backbone/" not in name and node_names[S.CELLFINDER][name] in ("MatMul", "Gemm", "Conv"):
-            assert q.layer_precision(name, "X") in ("fp16", "fp32"), name
-    # the decoder of an INT8 build is FP16, without calibration
-    d = _plan(dec, tmp=tmp_path, precision="int8", calib_images=str(images))
-    assert d.precision == "fp16" and d.calibration is None and "INT8" not in d.flags
-    # an existing cache is enough; a batch outside the profile is not
-    (tmp_path / "cellfinder.int8.calib").write_bytes(b"cache")
-    assert _plan(cf, tmp=tmp_path, precision="int8").calibration.image_dir is None
-    with pytest.raises(TB.PlanError, match="outside the batch range"):
-        _plan(cf, tmp=tmp_path, precision="int8", calib_batch=5)
     with pytest.raises(TB.PlanError, match="int8 needs compute capability >= 6.1"):
-        _plan(enc, gpu=P100, tmp=tmp_path, precision="int8", calib_images=str(images))
+        _plan(enc, gpu=P100, precision="int8")
+    with pytest.raises(TB.PlanError, match="fp8 is not built"):
+        _plan(enc, precision="fp8")
+    with pytest.raises(TB.PlanError, match="precision must be one of"):
+        _plan(enc, precision="int4")
+
+
+def test_tensorrt_version_range(specs):
+    enc = specs[S.ENCODER]
+    assert TB.check_tensorrt_version("10.3.0") == (10, 3)
+    assert TB.check_tensorrt_version("11.4.0.106") == (11, 4)
+    for bad in ("10.2.0", "8.6.1", "12.0", "9.3"):
+        with pytest.raises(TB.PlanError, match="supports TensorRT 10.3 to 11.x"):
+            TB.check_tensorrt_version(bad)
+    with pytest.raises(TB.PlanError, match="not a TensorRT version"):
+        TB.parse_version("latest")
+    n11 = _plan(enc, tensorrt="11.4").notes
+    n10 = _plan(enc, tensorrt="10.3").notes
+    assert "strongly typed" in n11[0] and "ignored" in n11[0]
+    assert n10[0].startswith("TensorRT 10.3: STRONGLY_TYPED network")
+    assert any("Q/DQ" in n for n in _plan(enc, precision="int8").notes)
+
+
+def test_plans_read_the_annotated_graphs(tiny_export, fp16_export, tmp_path):
+    """FP16 plans parse the export's FP16 graphs; without them a plan says how to write them,
+    and a build refuses."""
+    plans = TB.plan_export(fp16_export, tmp_path / "e", TB.BuildOptions(precision="fp16"), H100)
+    manifest = json.loads((fp16_export / "manifest.json").read_text())
+    for p in plans:
+        rec = manifest["models"][p.model]["annotated"]["fp16"]
+        assert p.missing is None and p.onnx_path == str(fp16_export / f"{p.model}.fp16.onnx")
+        assert p.export_info["onnx_sha256"] == rec["sha256"] and p.annotation["fp32_nodes"] > 0
+    fp32 = TB.plan_export(fp16_export, tmp_path / "e", TB.BuildOptions(precision="fp32"), H100)
+    assert all(p.onnx_path == str(fp16_export / f"{p.model}.onnx") and p.missing is None for p in fp32)
+    bare = TB.plan_export(tiny_export, tmp_path / "e", TB.BuildOptions(precision="bf16"), H100)
+    assert all(p.missing == f"cellsam-trt export --annotate-only --out {tiny_export} --precision bf16" for p in bare)
+    with pytest.raises(TB.BuildError, match="no bf16 graph .* write it with: cellsam-trt export --annotate-only"):
+        TB.build_engine(bare[0])
+    # an annotated graph made from another FP32 graph is stale: it must be written again
+    stale = json.loads(json.dumps(manifest))
+    stale["models"][S.ENCODER]["annotated"]["fp16"]["source_sha256"] = "0" * 64
+    (fp16_export / "manifest.json").write_text(json.dumps(stale))
+    try:
+        again = TB.plan_export(fp16_export, tmp_path / "e", TB.BuildOptions(precision="fp16"), H100, [S.ENCODER])
+        assert again[0].missing is not None
+    finally:
+        (fp16_export / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_workspace_and_cache_paths(specs, tmp_path):
@@ -246,12 +199,6 @@ def test_build_command_round_trips_through_the_cli(specs, tmp_path):
         max_prompts=128,
         workspace_gib=2.0,
         timing_cache="/t.cache",
-        calib_images="/calib",
-        calib_batch=2,
-        calib_max_images=16,
-        keep_fp32=("foo", "bar"),
-        fp32_attention=True,
-        strict_precision=False,
         tf32=True,
         optimization_level=5,
     )
@@ -349,14 +296,14 @@ def test_compatibility_check_says_how_to_rebuild(tmp_path):
     assert cmd == f"cellsam-trt build --onnx '/my export' --out {tmp_path / 'e'} --precision fp16"
 
 
-def test_engine_dir_check_from_real_plans(tiny_export, tmp_path):
+def test_engine_dir_check_from_real_plans(fp16_export, tmp_path):
     """Headers made from real plans (fake engine bytes) pass or fail the runtime's check."""
     from cellsam_trt.engine.trt_backend import check_engine_dir
 
     out = tmp_path / "engines"
-    plans = TB.plan_export(tiny_export, out, TB.BuildOptions(precision="fp16", max_batch=8), H100)
+    plans = TB.plan_export(fp16_export, out, TB.BuildOptions(precision="fp16", max_batch=8), H100, tensorrt="10.3")
     for p in plans:
-        EF.write_engine_file(p.engine_path, TB.engine_header(p, "10.3.0", "abc", {"fp32": 3, "fp16": 0}), b"fake")
+        EF.write_engine_file(p.engine_path, TB.engine_header(p, "10.3.0", "abc"), b"fake")
     here = EF.RuntimeFacts("10.3.0", H100.name, "9.0")
     headers = check_engine_dir(out, here)
     assert set(headers) == set(S.MODEL_NAMES)
@@ -365,132 +312,59 @@ def test_engine_dir_check_from_real_plans(tiny_export, tmp_path):
     assert h["profiles"][0]["image"]["max"] == [8, 3, 1024, 1024]
     assert S.ModelSpec.from_dict(h["spec"]).dims()["B"].max == 8
     assert h["export"]["adv_mode"] is True and h["onnx_sha256"] == "abc"
-    assert h["fp32_layers"]["counts"] == {"fp32": 3, "fp16": 0}
+    assert h["strongly_typed"] is True and h["graph_precision"] == "fp16"
+    assert h["onnx_file"] == "image_encoder.fp16.onnx" and h["annotation"]["fp32_nodes"] > 0
     with pytest.raises(EF.EngineCompatError) as e:
         check_engine_dir(out, EF.RuntimeFacts("10.3.0", "NVIDIA GeForce RTX 4090", "8.9"))
-    assert f"cellsam-trt build --onnx {tiny_export} --out {out} --precision fp16 --max-batch 8" in str(e.value)
+    assert f"cellsam-trt build --onnx {fp16_export} --out {out} --precision fp16 --max-batch 8" in str(e.value)
     (out / "prompt_decoder.engine").unlink()
     with pytest.raises(FileNotFoundError, match="prompt_decoder.engine"):
         check_engine_dir(out, here)
 
 
-# --------------------------------------------------------------------------- INT8 calibration
-
-
-def _cells(seed, h=96, w=112):
-    rng = np.random.default_rng(seed)
-    img = rng.normal(100, 10, (h, w))
-    yy, xx = np.mgrid[:h, :w]
-    for _ in range(6):
-        cy, cx, r = rng.integers(10, h - 10), rng.integers(10, w - 10), rng.integers(4, 9)
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 800
-    return img.astype(np.uint16)
-
-
-@pytest.mark.parametrize("adv", [True, False])
-def test_calibration_inputs_equal_runtime_inputs(adv):
-    from cellsam_trt import pipeline
-    from cellsam_trt import preprocess as pre
-
-    images = [_cells(i) for i in range(3)]
-    for branch, fn in (("sam", pre.sam_encoder_input), ("cellfinder", pre.cellfinder_input)):
-        batches = list(TB.calibration_batches(images, branch, adv, batch_size=1))
-        assert len(batches) == 3
-        for img, b in zip(images, batches):
-            sq = pipeline.prepare(img, pipeline.SegmentSettings()).squashed
-            np.testing.assert_array_equal(b, fn(sq, adv))
-            assert b.dtype == np.float32 and b.flags.c_contiguous
-
-
-def test_calibration_batching_skips_blank_and_drops_partial(tmp_path):
-    log = []
-    images = [_cells(0), np.zeros((40, 40), np.uint8), _cells(1), _cells(2)]
-    batches = list(TB.calibration_batches(images, "sam", True, batch_size=2, log=log.append))
-    assert len(batches) == 1 and batches[0].shape == (2, 3, 1024, 1024)
-    assert any("skipping" in m for m in log) and any("dropping the last 1" in m for m in log)
-    # files: read in name order, unreadable ones skipped
-    np.save(tmp_path / "b.npy", _cells(3))
-    np.save(tmp_path / "a.npy", _cells(4))
-    (tmp_path / "c.tif").write_bytes(b"not a tiff")
-    (tmp_path / "notes.txt").write_text("ignored")
-    files = TB.calibration_files(tmp_path, max_images=10)
-    assert [f.name for f in files] == ["a.npy", "b.npy", "c.tif"]
-    got = list(TB.calibration_batches(files, "cellfinder", False, 1, log=log.append))
-    assert len(got) == 2
-    assert TB.calibration_files(tmp_path, max_images=1)[0].name == "a.npy"
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(TB.PlanError, match="no images"):
-        TB.calibration_files(tmp_path / "empty", 5)
-    with pytest.raises(TB.PlanError, match="does not exist"):
-        TB.calibration_files(tmp_path / "missing", 5)
-
-
-def test_calibrator_core_with_a_fake_device(tmp_path):
-    """The calibrator hands TensorRT one device address per batch, copying each batch into
-    'device' memory first (here a dict standing in for the pinned + device buffer)."""
-    device: dict[int, np.ndarray] = {}
-    copies = []
-
-    def to_device(batch):
-        copies.append(batch.copy())
-        device[0xD000] = batch.copy()
-        return 0xD000
-
-    rng = np.random.default_rng(0)
-    shape = (2, 3, 8, 8)
-    batches = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
-    core = TB.CalibratorCore(iter(batches), "image", shape, to_device, tmp_path / "c" / "enc.calib")
-    assert core.get_batch_size() == 1
-    for b in batches:
-        assert core.get_batch(["image"]) == [0xD000]
-        np.testing.assert_array_equal(device[0xD000], b)
-    assert core.get_batch(["image"]) is None and core.batches_served == 3
-    assert len(copies) == 3
-    with pytest.raises(ValueError, match="asked for inputs"):
-        core.get_batch(["image", "other"])
-    bad = TB.CalibratorCore(iter([np.zeros((1, 3, 8, 8), np.float32)]), "image", shape, to_device, None)
-    with pytest.raises(ValueError, match="expected"):
-        bad.get_batch(["image"])
-    # cache
-    assert core.read_cache() is None
-    core.write_cache(b"TRT-calibration-table")
-    assert core.read_cache() == b"TRT-calibration-table"
-    (tmp_path / "c" / "enc.calib").write_bytes(b"")
-    assert core.read_cache() is None  # an empty cache means: calibrate again
-
-
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_dry_run_plans_without_a_gpu(tiny_export, tmp_path, capsys):
+@pytest.mark.skipif(_has_tensorrt(), reason="plans for the three releases where TensorRT is not installed")
+def test_cli_dry_run_plans_for_tensorrt_11_10_13_and_10_3(fp16_export, tiny_export, tmp_path, capsys):
     from cellsam_trt.cli import main
 
     out = tmp_path / "engines"
-    rc = main(
-        [
-            "build",
-            "--onnx",
-            str(tiny_export),
-            "--out",
-            str(out),
-            "--dry-run",
-            "--gpu-name",
-            "NVIDIA L4",
-            "--compute-capability",
-            "8.9",
-            "--precision",
-            "bf16",
-            "--max-batch",
-            "8",
-        ]
-    )
+    argv = ["build", "--onnx", str(fp16_export), "--out", str(out), "--dry-run", "--gpu-name", "NVIDIA L4"]
+    rc = main(argv + ["--compute-capability", "8.9", "--precision", "fp16", "--max-batch", "8"])
     assert rc == 0
-    plans = json.loads(capsys.readouterr().out)
-    assert [p["model"] for p in plans] == list(S.MODEL_NAMES)
-    assert all(p["precision"] == "bf16" and "BF16" in p["flags"] for p in plans)
-    assert plans[0]["profile"]["image"]["max"] == [8, 3, 1024, 1024]
-    assert plans[0]["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9", "total_memory": 16 * TB.GIB}
+    runs = json.loads(capsys.readouterr().out)
+    assert [r["tensorrt"] for r in runs] == ["11.4", "10.13", "10.3"] and not any(r["installed"] for r in runs)
+    for r in runs:
+        plans = r["plans"]
+        assert [p["model"] for p in plans] == list(S.MODEL_NAMES)
+        assert all(p["network_flags"] == ["STRONGLY_TYPED"] and p["flags"] == [] for p in plans)
+        assert all(p["onnx_path"].endswith(".fp16.onnx") and p["missing"] is None for p in plans)
+        assert plans[0]["profile"]["image"]["max"] == [8, 3, 1024, 1024]
+        assert plans[0]["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9", "total_memory": 16 * TB.GIB}
+        assert plans[0]["notes"][0].startswith(
+            "TensorRT 11" if r["tensorrt"] == "11.4" else f"TensorRT {r['tensorrt']}"
+        )
     assert not out.exists()  # a dry run writes nothing
+    # a Jetson Orin on JetPack 6 (TensorRT 10.3), an export without bf16 graphs: the plan says how to write them
+    rc = main(
+        ["build", "--onnx", str(tiny_export), "--out", str(out), "--dry-run", "--gpu-name", "Orin"]
+        + ["--compute-capability", "8.7", "--precision", "bf16", "--tensorrt", "10.3"]
+    )
+    cap = capsys.readouterr()
+    (run,) = json.loads(cap.out)
+    assert rc == 0 and run["tensorrt"] == "10.3" and all(p["missing"] for p in run["plans"])
+    assert f"write it with: cellsam-trt export --annotate-only --out {tiny_export} --precision bf16" in cap.err
+    rc = main(argv + ["--compute-capability", "8.9", "--tensorrt", "8.6"])
+    assert rc == 2 and "supports TensorRT 10.3 to 11.x" in capsys.readouterr().err
+    rc = main(argv + ["--compute-capability", "8.9", "--precision", "fp8"])
+    assert rc == 2 and "fp8 is not built" in capsys.readouterr().err
+
+
+def test_cli_dry_run_refusals(tiny_export, tmp_path, capsys):
+    from cellsam_trt.cli import main
+
+    out = tmp_path / "engines"
     rc = main(
         [
             "build",
@@ -536,7 +410,7 @@ def test_trt_backend_without_tensorrt_says_so(tmp_path):
     with pytest.raises(TrtUnavailable, match="TensorRT is not installed"):
         TrtBackend(tmp_path)
     with pytest.raises(TB.BuildError, match="TensorRT is not installed"):
-        TB._require_trt10()
+        TB.require_tensorrt()
 
 
 @pytest.mark.skipif(_has_tensorrt(), reason="checks the message shown where TensorRT is missing")
@@ -554,7 +428,7 @@ def test_cli_build_without_tensorrt_says_so(tiny_export, tmp_path, capsys):
 @needs_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tiny_engines_match_torch(tiny_export, tmp_path, precision):
+def test_tiny_engines_match_torch(fp16_export, tmp_path, precision):
     """Build the tiny engines and compare the TensorRT backend with PyTorch (GPU only)."""
     import torch
 
@@ -566,7 +440,7 @@ def test_tiny_engines_match_torch(tiny_export, tmp_path, precision):
 
     out = tmp_path / "engines"
     TB.build_export(
-        tiny_export, out, TB.BuildOptions(precision=precision, max_batch=2, max_prompts=16, workspace_gib=1)
+        fp16_export, out, TB.BuildOptions(precision=precision, max_batch=2, max_prompts=16, workspace_gib=1)
     )
     cfg = CellSAMConfig.tiny()
     model, _ = load_state_dict(synthetic_state_dict(0, cfg), cfg=cfg)
@@ -590,19 +464,6 @@ def test_tiny_engines_match_torch(tiny_export, tmp_path, precision):
     finally:
         trt_b.close()
     torch.cuda.empty_cache()
-
-
-@needs_trt
-def test_entropy_calibrator_subclass_delegates(tmp_path):
-    calib = TB.make_entropy_calibrator(
-        TB.CalibratorCore(iter([]), "image", (1, 3, 8, 8), lambda b: 0, tmp_path / "c.calib")
-    )
-    import tensorrt as trt
-
-    assert isinstance(calib, trt.IInt8EntropyCalibrator2)
-    assert calib.get_batch_size() == 1 and calib.get_batch(["image"]) is None
-    calib.write_calibration_cache(b"abc")
-    assert calib.read_calibration_cache() == b"abc"
 
 
 def test_cuda_python_without_a_device_is_reported():

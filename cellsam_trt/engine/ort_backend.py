@@ -7,6 +7,12 @@ prompt per call, in ``decode_streams`` concurrent single-threaded sessions, whos
 set stays in cache (``benchmarks/bench_cpu.py`` compares it with the whole decoder in chunks).
 GPU providers run the whole decoder in chunks of 16. ``adv_mode`` and the graphs come from the
 manifest; sessions are made on first use (the detector's only in automatic mode).
+
+With the TensorRT execution provider first, ``precision`` "fp16" / "bf16" / "int8" runs the
+export's precision-annotated graphs (``cellsam-trt export --precision P``: the same files
+``cellsam-trt build`` builds from); the provider builds strongly typed engines from them when
+its own FP16 / INT8 switches are off, which they are here. Without that provider those
+precisions are a ``BackendError``, never a silent FP32 run.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class OrtConfig:
       ("trt", "cuda", "cpu" or full ORT provider names); an unavailable one is an error.
     threads: intra-op threads (0 = ONNX Runtime's default, the physical cores).
     graph_optimization: "disable", "basic", "extended" or "all".
-    precision: "fp32" or "int8" (the dynamic-INT8 image encoder / CellFinder of the export, CPU).
+    precision: "fp32"; "int8": the dynamic-INT8 image encoder / CellFinder of the export on the
+      CPU, its Q/DQ graphs under the TensorRT provider; "fp16" / "bf16": the annotated graphs,
+      TensorRT provider only.
     decode_chunk: prompts per decoder call; 0 = 1 for the split decoder on the CPU, 16 otherwise
       (memory grows ~30 MB per prompt on CPU).
     split_decoder: run ``prompt_context`` + ``context_decoder`` instead of ``prompt_decoder``;
@@ -51,7 +59,7 @@ class OrtConfig:
       chunks over, each with threads / streams intra-op threads; 0 = 2 for the split decoder on
       the CPU when there are 2 threads or more, else 1.
     device_id: GPU for the CUDA / TensorRT providers.
-    trt_fp16: let the TensorRT provider build FP16 engines; trt_cache_dir: where it caches them.
+    trt_cache_dir: where the TensorRT provider caches its engines.
     """
 
     providers: str | Sequence[str] = "auto"
@@ -62,7 +70,6 @@ class OrtConfig:
     split_decoder: bool | None = None
     decode_streams: int = 0
     device_id: int = 0
-    trt_fp16: bool = False
     trt_cache_dir: str | None = None
     extra_session_options: dict = field(default_factory=dict)
 
@@ -89,9 +96,10 @@ def resolve_providers(requested: str | Sequence[str] = "auto", available: Sequen
     for name in names:
         full = _ALIASES.get(name.lower(), name)
         if full not in available:
+            hint = " (the TensorRT provider comes with onnxruntime-gpu and the TensorRT libraries)"
             raise ProviderError(
                 f"execution provider {name!r} is not available in this onnxruntime build "
-                f"(available: {', '.join(available)})"
+                f"(available: {', '.join(available)})" + (hint if full == "TensorrtExecutionProvider" else "")
             )
         out.append(full)
     if "CPUExecutionProvider" not in out:
@@ -103,13 +111,18 @@ def _shape_str(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
 
+TRT_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
 def trt_provider_options(spec: S.ModelSpec, cfg: OrtConfig) -> dict:
     """TensorRT execution-provider options for one graph: its optimization profile (min / opt /
-    max shape of every input, from the spec), FP16 and the engine cache."""
+    max shape of every input, from the spec) and the engine cache. FP16 / INT8 switches stay
+    off: the precision is in the (annotated) graph and the provider builds strongly typed."""
     prof = S.profile_shapes(spec)
     opts = {
         "device_id": cfg.device_id,
-        "trt_fp16_enable": cfg.trt_fp16,
+        "trt_fp16_enable": False,
+        "trt_int8_enable": False,
         "trt_profile_min_shapes": ",".join(f"{k}:{_shape_str(v[0])}" for k, v in prof.items()),
         "trt_profile_opt_shapes": ",".join(f"{k}:{_shape_str(v[1])}" for k, v in prof.items()),
         "trt_profile_max_shapes": ",".join(f"{k}:{_shape_str(v[2])}" for k, v in prof.items()),
@@ -144,11 +157,8 @@ class OrtBackend(Backend):
             if not hasattr(cfg, k):
                 raise TypeError(f"unknown OrtBackend option {k!r}")
             setattr(cfg, k, v)
-        if cfg.precision not in ("fp32", "int8"):
-            raise BackendError(
-                f"ONNX Runtime runs an export in fp32 or int8, not {cfg.precision!r} "
-                "(fp16 / bf16: the torch or TensorRT backend)"
-            )
+        if cfg.precision not in TRT_PRECISIONS:
+            raise BackendError(f"ONNX Runtime runs an export in {', '.join(TRT_PRECISIONS)}, not {cfg.precision!r}")
         if cfg.graph_optimization not in _OPT_LEVELS:
             raise ValueError(f"graph_optimization must be one of {_OPT_LEVELS}, got {cfg.graph_optimization!r}")
         if cfg.decode_chunk < 0:
@@ -164,7 +174,27 @@ class OrtBackend(Backend):
         self.providers = resolve_providers(cfg.providers)
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
         self.device = f"cuda:{cfg.device_id}" if self.on_gpu else "cpu"
-        if cfg.precision == "int8":
+        self.annotated = self.providers[0] == "TensorrtExecutionProvider" and cfg.precision != "fp32"
+        if cfg.precision in ("fp16", "bf16") and not self.annotated:
+            raise BackendError(
+                f"{cfg.precision} runs on ONNX Runtime only through its TensorRT execution provider "
+                "(onnxruntime-gpu with the TensorRT libraries; this onnxruntime has "
+                f"{', '.join(available_providers())}): "
+                "use precision fp32 here, or the torch / TensorRT backend"
+            )
+        if self.annotated:
+            missing = [
+                k
+                for k in (S.ENCODER, S.DECODER, S.CELLFINDER)
+                if k in self.specs
+                and self._annotated_precision(k) not in self.manifest["models"][k].get("annotated", {})
+            ]
+            if missing:
+                raise BackendError(
+                    f"{self.model_dir}: no {cfg.precision} graphs for {missing} (write them with "
+                    f"`cellsam-trt export --annotate-only --out {self.model_dir} --precision {cfg.precision}`)"
+                )
+        elif cfg.precision == "int8":
             missing = [
                 k for k in (S.ENCODER, S.CELLFINDER) if k in self.specs and "int8" not in self.manifest["models"][k]
             ]
@@ -185,8 +215,15 @@ class OrtBackend(Backend):
             self.decode_streams = cfg.decode_streams or (2 if budget >= 2 and not self.on_gpu else 1)
         self._stream_threads = max(1, budget // self.decode_streams)
 
+    def _annotated_precision(self, name: str) -> str:
+        """The annotated graph a TensorRT-provider run of ``name`` uses (an int8 run's decoder: fp16)."""
+        p = self.config.precision
+        return "fp16" if p == "int8" and name not in (S.ENCODER, S.CELLFINDER) else p
+
     def _file(self, name: str) -> Path:
         entry = self.manifest["models"][name]
+        if self.annotated and name in (S.ENCODER, S.DECODER, S.CELLFINDER):
+            return self.model_dir / entry["annotated"][self._annotated_precision(name)]["file"]
         if self.config.precision == "int8" and "int8" in entry:
             return self.model_dir / entry["int8"]["file"]
         return self.model_dir / entry["file"]

@@ -1,4 +1,4 @@
-"""TensorRT 10 backend: runs the engines of ``cellsam-trt build`` with cuda-python.
+"""TensorRT 10.3+ / 11.x backend: runs the engines of ``cellsam-trt build`` with cuda-python.
 
 ``TrtBackend(engine_dir)`` is an ``engine.base.Backend``: batching up to the engine's max B,
 the decoder's prompt layout and chunks (``decode_chunk`` = the decoder engine's max N) and the
@@ -22,8 +22,10 @@ input checks against each engine's spec are the base's. Each engine gets one ``T
   the start of each call, so an array changed in place between two calls is uploaded again;
   an array changed in place while one call's chunks are running is not.
 
-Engine I/O dtypes: FLOAT, HALF, INT32, INT64 and BOOL are staged as the NumPy dtype of the
-same layout; BF16 (NumPy has none) and other types are refused when the runner is made.
+Engine I/O dtypes come from the engine (a strongly typed engine has its ONNX graph's I/O
+types; the annotated graphs keep float32 I/O): FLOAT, HALF, INT32, INT64 and BOOL are staged
+as the NumPy dtype of the same layout; BF16 (NumPy has none) and other types are refused when
+the runner is made.
 
 Before deserializing, every engine header is checked against this machine (TensorRT version,
 GPU name and compute capability, ``runtime.engine_file``): a mismatch raises
@@ -33,7 +35,8 @@ Not run against a real TensorRT or CUDA device: the data movement is tested with
 ``tensorrt`` / ``cudart`` modules (``tests/test_trt_runtime_fake.py``). The calls were checked
 against:
 
-* TensorRT 10 Python API (also the sources ``export/tensorrt_build`` was checked against): the
+* TensorRT Python API (every name checked against the 10.3.0, 10.13.3.9 and 11.4.0.106 bindings
+  by ``tests/test_trt_api_names.py``): the
   pybind11 binding sources and docstrings of NVIDIA/TensorRT v10.0.0 and v10.13.0
   (python/src/infer/pyCore.cpp, pyGraph.cpp, pyInt8.cpp, pyFoundationalTypes.cpp,
   python/src/parsers/pyOnnx.cpp, python/docstrings/infer/pyCoreDoc.h, pyGraphDoc.h,
@@ -76,15 +79,6 @@ import numpy as np
 from ..runtime import engine_file as EF
 from ..runtime import specs as S
 from .base import Backend, BackendError, Runner
-
-# TensorRT dtype alias (module attribute of ``tensorrt``) -> NumPy dtype of the same layout
-_TRT_TO_NUMPY = (
-    ("float32", np.float32),
-    ("float16", np.float16),
-    ("int32", np.int32),
-    ("int64", np.int64),
-    ("bool", np.bool_),
-)
 
 
 class TrtUnavailable(BackendError):
@@ -176,10 +170,18 @@ def check_engine_dir(
 def numpy_dtype(trt, trt_dtype, where: str = "tensor") -> np.dtype:
     """The NumPy dtype that stages a TensorRT I/O dtype (FLOAT, HALF, INT32, INT64, BOOL).
     EngineFileError for BF16 (NumPy has no bfloat16) and every other type."""
-    for alias, np_type in _TRT_TO_NUMPY:
-        if hasattr(trt, alias) and trt_dtype == getattr(trt, alias):
+    # the dtype aliases of the tensorrt module (all in 10.3 to 11.x) -> NumPy dtypes of the same layout
+    staged = (
+        (trt.float32, np.float32),
+        (trt.float16, np.float16),
+        (trt.int32, np.int32),
+        (trt.int64, np.int64),
+        (trt.bool, np.bool_),
+    )
+    for trt_type, np_type in staged:
+        if trt_dtype == trt_type:
             return np.dtype(np_type)
-    if hasattr(trt, "bfloat16") and trt_dtype == trt.bfloat16:
+    if trt_dtype == trt.bfloat16:
         raise EF.EngineFileError(
             f"{where} is BF16 at the engine's inputs / outputs; NumPy has no bfloat16, so "
             "this runtime cannot stage it (build the engine with FP32 or FP16 I/O)"

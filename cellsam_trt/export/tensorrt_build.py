@@ -1,49 +1,34 @@
-"""TensorRT 10 engines from an export directory: a pure build plan, then a thin builder.
+"""TensorRT 10.3+ / 11.x engines from an export directory: a pure build plan, then a thin builder.
 
-``plan_build(spec, options, gpu, ...)`` computes a ``BuildPlan`` from the graph's ``ModelSpec``
-(``runtime/specs.py``), the ``BuildOptions`` and the ``GpuFacts`` of the target GPU, without
-TensorRT: the optimization profile (every dynamic ``Dim`` at min / opt / max, overridable),
-the builder flags, which layers stay in FP32, the workspace limit and the cache paths. The
-plan is JSON-serialisable and unit-tested on the CPU. ``build_engine(plan)`` is the only part
-that calls TensorRT; it writes an engine container (``engine_file``) whose header records the
-TensorRT version, GPU, profile, precision, ONNX sha256 and spec.
+The precision is decided in the ONNX graph (``export.precision``: FP16 / BF16 graphs with FP32
+islands, INT8 as Q/DQ), and the network is strongly typed
+(``NetworkDefinitionCreationFlag.STRONGLY_TYPED``): TensorRT keeps every tensor in the type
+the graph gives it. No builder precision flag and no per-layer precision is set; those are
+deprecated since TensorRT 10.12 and gone in 11.x, where strong typing is the only mode (the
+flag is still accepted there). TensorRT 10.3 (JetPack 6) already has the flag.
 
-Precision policy
-    * ``fp32``: FP32 everywhere; TF32 is switched off unless ``tf32=True`` (TF32 rounds
-      matmul inputs to 10 mantissa bits, which is not "FP32-faithful").
-    * ``fp16`` / ``bf16``: BuilderFlag.FP16 / BF16 plus OBEY_PRECISION_CONSTRAINTS (or
-      PREFER_... with ``strict_precision=False``) and these layers pinned to FP32 (precision
-      and output type): every normalization (LayerNormalization, the hand-written
-      LayerNorm2d of the SAM neck, GroupNorm -> InstanceNormalization), every softmax, the
-      sinusoidal positional encodings (the prompt encoder's Fourier features of the point
-      coordinates reach |arguments| of tens of radians, where FP16 loses ~1e-2), and
-      CellFinder's class / box heads with the inverse-sigmoid / sigmoid that produce the
-      top-k inputs. ``fp32_attention=True`` also pins the attention-score products.
-      BF16 needs compute capability >= 8.0.
-    * ``int8``: post-training entropy calibration (IInt8EntropyCalibrator2) of the two ViT-B
-      trunks (the image encoder and CellFinder's backbone); everything else runs FP16 (pinned),
-      the FP32 set above stays FP32. Calibration batches are preprocessed by
-      ``cellsam_trt.preprocess`` exactly as at run time; the calibration cache is reused.
+``plan_build(spec, options, gpu, ...)`` computes a ``BuildPlan`` without TensorRT: which graph
+file (the FP32 export or its annotated form), the optimization profile (every dynamic ``Dim``
+at min / opt / max, overridable), the network flag, TF32 (off unless asked: TF32 rounds FP32
+matmul inputs to 10 mantissa bits), the workspace limit, the timing cache and the target
+TensorRT version's notes. ``build_engine(plan)`` is the only part that calls TensorRT; it writes
+an engine container (``engine_file``) whose header records the TensorRT version, GPU, profile,
+precision, ONNX sha256 and spec.
 
-TensorRT API notes. Python names, argument orders and return values were read in the
-pybind11 binding sources and docstrings of NVIDIA/TensorRT v10.0.0 and v10.13.0 (see
-``trt_backend``), and cross-checked with the documentation pages found by search: Python API
-infer/Core/TimingCache.html and the "Optimizing Builder Performance" page of TensorRT 10.16
-(createTimingCache with an empty buffer makes a new cache, setTimingCache before the build,
-serialize after it), parsers/Onnx/pyOnnx.html (``parse_from_file``, ``num_errors``,
-``get_error``), infer/Core/OptimizationProfile.html, the IBuilderConfig / MemoryPoolType
-pages (kWORKSPACE), and include/NvInfer.h v10.0.0 (``setCalibrationProfile``; ``getBatchSize``
-deprecated with implicit batch). Calls: ``Builder.create_network(0)`` (explicit batch is the only mode in TRT 10),
-``OnnxParser.parse_from_file``, ``IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE,
-bytes)``, ``set_flag``/``clear_flag``, ``builder_optimization_level``,
-``IOptimizationProfile.set_shape(name, min, opt, max)``, ``add_optimization_profile``,
-``create_timing_cache(bytes)`` / ``set_timing_cache(cache, ignore_mismatch)`` /
-``get_timing_cache().serialize()``, ``int8_calibrator``, ``set_calibration_profile`` (its
-MIN / MAX are overwritten by OPT), ``ILayer.precision`` / ``set_output_type``,
-``Builder.build_serialized_network``. Per-layer precision and the FP16 / BF16 / INT8 builder
-flags are deprecated since TensorRT 10.12 ("superseded by strong typing") but still work in
-every 10.x release; TensorRT 11 removes them (checked in the v11.0 binding sources), and
-``build_engine`` refuses TensorRT != 10.
+TensorRT Python API used (names checked against the bindings of 10.3.0, 10.13.3.9 and
+11.4.0.106 by ``tests/test_trt_api_names.py``; calls from the Python API pages infer/Core/
+Builder, NetworkConfig, OptimizationProfile, TimingCache and parsers/Onnx/pyOnnx):
+``Logger(Logger.WARNING)``, ``Builder(logger)``, ``Builder.create_network(1 << int(
+NetworkDefinitionCreationFlag.STRONGLY_TYPED))``, ``OnnxParser(network, logger)
+.parse_from_file(path)`` / ``num_errors`` / ``get_error(i)``, ``INetworkDefinition.num_inputs``
+/ ``get_input(i).name``, ``Builder.create_builder_config()``,
+``IBuilderConfig.set_memory_pool_limit(MemoryPoolType.WORKSPACE, bytes)``, ``set_flag`` /
+``clear_flag(BuilderFlag.TF32)``, ``builder_optimization_level``,
+``Builder.create_optimization_profile()``, ``IOptimizationProfile.set_shape(name, min, opt,
+max)``, ``add_optimization_profile``, ``create_timing_cache(bytes)`` (empty bytes: a new
+cache), ``set_timing_cache(cache, ignore_mismatch)`` (False when the cache does not fit),
+``get_timing_cache().serialize()``, ``Builder.build_serialized_network(network, config)``
+(None on failure).
 """
 
 from __future__ import annotations
@@ -52,89 +37,47 @@ import datetime as _dt
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
-from .. import __version__, pipeline
-from .. import preprocess as pre
+from .. import __version__
 from ..runtime import engine_file as EF
 from ..runtime import specs as S
 from ..runtime.engine_file import GpuFacts
+from . import precision as P
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 GIB = 1 << 30
 DEFAULT_WORKSPACE_CAP = 4 * GIB
 TIMING_CACHE_NAME = "timing.cache"
-
-# Regular expressions over TensorRT layer names. The ONNX parser names each layer after its
-# ONNX node (a suffix "_N" when a node makes several layers), and the exporter names nodes
-# after the torch module path, e.g. "/encoder/blocks.0/norm1/LayerNormalization".
-FP32_PATTERNS_COMMON = (
-    r"LayerNormalization",
-    r"(Instance|Group)Normalization",
-    r"Softmax",
-    r"/(Sin|Cos)(_\d+)?$",
-)
-FP32_PATTERNS_MODEL = {
-    S.ENCODER: (r"/neck/neck\.[13]/",),  # LayerNorm2d written out (mean, pow, sqrt, div)
-    S.DECODER: (),
-    S.CELLFINDER: (r"/class_embed/", r"/bbox_embed/", r"/transformer/(Sigmoid|Log|Clip)(_\d+)?$"),
-}
-FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX")
-ATTENTION_PATTERNS = (
-    r"/attn/(MatMul|Mul|Add|Einsum)(_\d+)?$",  # ViT scores + decomposed rel-pos bias
-    r"/(self_attn|cross_attn)/(MatMul|Mul|Div)(_\d+)?$",  # CellFinder RCDA / MHA
-    r"/(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
-    r"(_\d+)?/(MatMul|Div|Mul)(_\d+)?$",  # mask decoder
-)
-# INT8 scope: the layers allowed to run INT8 (the ViT-B trunks); other compute layers are
-# pinned to FP16 in an INT8 build.
-INT8_SCOPE = {S.ENCODER: r"^/encoder/(patch_embed|blocks\.)", S.CELLFINDER: r"/backbone/"}
-# Layers whose outputs are not float (shapes, indices) never get a precision constraint.
-NON_COMPUTE_TYPES = (
-    "SHAPE",
-    "CONSTANT",
-    "IDENTITY",
-    "ASSERTION",
-    "CONDITION",
-    "CONDITIONAL_INPUT",
-    "CONDITIONAL_OUTPUT",
-    "TRIP_LIMIT",
-    "ITERATOR",
-    "LOOP_OUTPUT",
-    "RECURRENCE",
-)
+# the TensorRT releases this builder is written for: the lowest (JetPack 6) and the majors
+MIN_TENSORRT = (10, 3)
+MAX_TENSORRT_MAJOR = 11
+# what ``build --dry-run`` plans for when TensorRT is not installed
+DRY_RUN_VERSIONS = ("11.4", "10.13", "10.3")
 
 
 class PlanError(ValueError):
-    """Options that cannot be built for this model / GPU; the message says what to change."""
+    """Options that cannot be built for this model / GPU / TensorRT; the message says what to change."""
 
 
 class BuildError(RuntimeError):
-    """TensorRT failed (parse or build); the message carries TensorRT's errors."""
+    """TensorRT is missing or failed (parse or build); the message carries TensorRT's errors."""
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     """What ``cellsam-trt build`` was asked for. None = derive from the spec / GPU.
 
-    precision: "fp32", "fp16", "bf16" or "int8".
-    max_batch / opt_batch: batch bounds (B) of the image encoder and CellFinder profiles
-      (default: the spec's; the brief's recommended range is 1..8).
+    precision: "fp32", "fp16", "bf16" or "int8" (the export must hold the annotated graphs:
+      ``cellsam-trt export --annotate-only --precision P``); "fp8" is refused.
+    max_batch / opt_batch: batch bounds (B) of the image encoder and CellFinder profiles.
     max_prompts / opt_prompts: prompts per decoder call (N); max_points: points per prompt (P).
     workspace_gib: WORKSPACE pool limit (default min(4 GiB, a quarter of the GPU memory)).
     timing_cache: timing-cache file, read if present and written after each build
       (default ``<out>/timing.cache``); no_timing_cache: do neither.
-    calib_images: folder of images for INT8 calibration; calib_cache_dir: where the
-      ``<model>.int8.calib`` caches live (default the output folder); calib_batch: images per
-      calibration batch; calib_max_images: at most this many images are used.
-    keep_fp32: extra layer-name regexes kept in FP32; fp32_attention: also the attention scores.
-    strict_precision: OBEY (True) or PREFER (False) precision constraints.
-    tf32: allow TF32 for FP32 layers. optimization_level: builder optimization level 0..5.
-    strict_gpu_name: engines refuse to load on another GPU model of the same architecture.
+    tf32: allow TF32 for FP32 matmuls / convolutions. optimization_level: builder level 0..5.
     """
 
     precision: str = "fp16"
@@ -146,16 +89,8 @@ class BuildOptions:
     workspace_gib: float | None = None
     timing_cache: str | None = None
     no_timing_cache: bool = False
-    calib_images: str | None = None
-    calib_cache_dir: str | None = None
-    calib_batch: int = 1
-    calib_max_images: int = 64
-    keep_fp32: tuple[str, ...] = ()
-    fp32_attention: bool = False
-    strict_precision: bool = True
     tf32: bool = False
     optimization_level: int = 3
-    strict_gpu_name: bool = True
 
     def to_argv(self, onnx_dir: str, out_dir: str) -> list[str]:
         """The ``cellsam-trt build`` command line that reproduces these options."""
@@ -168,53 +103,31 @@ class BuildOptions:
             ("--max-points", self.max_points),
             ("--workspace-gib", self.workspace_gib),
             ("--timing-cache", self.timing_cache),
-            ("--calib-images", self.calib_images),
-            ("--calib-cache-dir", self.calib_cache_dir),
         ):
             if value is not None:
                 argv += [flag, str(value)]
-        if self.precision == "int8":
-            argv += ["--calib-batch", str(self.calib_batch), "--calib-max-images", str(self.calib_max_images)]
-        for p in self.keep_fp32:
-            argv += ["--keep-fp32", p]
-        for flag, on in (
-            ("--no-timing-cache", self.no_timing_cache),
-            ("--fp32-attention", self.fp32_attention),
-            ("--prefer-precision", not self.strict_precision),
-            ("--tf32", self.tf32),
-        ):
-            if on:
-                argv.append(flag)
+        if self.no_timing_cache:
+            argv.append("--no-timing-cache")
+        if self.tf32:
+            argv.append("--tf32")
         if self.optimization_level != 3:
             argv += ["--optimization-level", str(self.optimization_level)]
         return argv
 
 
 @dataclass(frozen=True)
-class CalibrationPlan:
-    """INT8 calibration of one graph: input name, the fixed batch shape of the calibration
-    profile, which preprocessing branch ("sam" or "cellfinder"), image folder and cache file."""
-
-    input_name: str
-    batch_shape: tuple[int, ...]
-    branch: str
-    adv_mode: bool
-    image_dir: str | None
-    cache_path: str
-    max_images: int
-
-
-@dataclass(frozen=True)
 class BuildPlan:
     """Everything ``build_engine`` does for one graph, decided without TensorRT.
 
+    precision: what was asked; graph_precision: what this graph holds ("fp32", "fp16", "bf16"
+      or "int8"; the decoder of an int8 build is fp16).
+    onnx_path: the graph file parsed (the FP32 export or its annotated form).
+    missing: None, or the command that writes the annotated graph this plan needs.
     profile: input name -> (min, opt, max) shapes (one optimization profile).
-    flags / clear_flags: ``trt.BuilderFlag`` member names to set / clear.
-    fp32_patterns, fp32_types, fp32_names: a layer stays FP32 when its name matches a
-      pattern (re.search), its LayerType name is listed, or its name is one of the ONNX
-      node names found by graph analysis (``onnx_fp32_nodes``).
-    int8_scope: regex of the layers allowed to run INT8 (None unless precision is int8);
-      other compute layers are pinned to FP16 in an INT8 build.
+    network_flags: ``NetworkDefinitionCreationFlag`` member names; flags / clear_flags:
+      ``BuilderFlag`` member names to set / clear.
+    tensorrt: the TensorRT version planned for ("11.4", or the installed one); notes: what
+      that version does with this plan.
     """
 
     model: str
@@ -222,34 +135,21 @@ class BuildPlan:
     engine_path: str
     spec: S.ModelSpec
     precision: str
+    graph_precision: str
+    missing: str | None
     profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    network_flags: tuple[str, ...]
     flags: tuple[str, ...]
     clear_flags: tuple[str, ...]
-    fp32_patterns: tuple[str, ...]
-    fp32_types: tuple[str, ...]
-    fp32_names: frozenset[str]
-    int8_scope: str | None
     workspace_bytes: int
     timing_cache: str | None
-    calibration: CalibrationPlan | None
     optimization_level: int
     gpu: GpuFacts
+    tensorrt: str
+    notes: tuple[str, ...]
     build_command: tuple[str, ...]
+    annotation: dict = field(default_factory=dict)
     export_info: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tuple(re.compile(p) for p in self.fp32_patterns))
-        object.__setattr__(self, "_scope", re.compile(self.int8_scope) if self.int8_scope else None)
-
-    def layer_precision(self, name: str, type_name: str) -> str | None:
-        """ "fp32", "fp16" or None (no constraint) for a layer with this name and LayerType name."""
-        if self.precision == "fp32" or type_name in NON_COMPUTE_TYPES:
-            return None
-        if name in self.fp32_names or type_name in self.fp32_types or any(p.search(name) for p in self._compiled):
-            return "fp32"
-        if self.precision == "int8" and self._scope is not None and not self._scope.search(name):
-            return "fp16"
-        return None
 
     def to_dict(self) -> dict:
         return {
@@ -257,22 +157,62 @@ class BuildPlan:
             "onnx_path": self.onnx_path,
             "engine_path": self.engine_path,
             "precision": self.precision,
+            "graph_precision": self.graph_precision,
+            "missing": self.missing,
             "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in self.profile.items()},
+            "network_flags": list(self.network_flags),
             "flags": list(self.flags),
             "clear_flags": list(self.clear_flags),
-            "fp32_patterns": list(self.fp32_patterns),
-            "fp32_types": list(self.fp32_types),
-            "fp32_names": sorted(self.fp32_names),
-            "int8_scope": self.int8_scope,
             "workspace_bytes": self.workspace_bytes,
             "timing_cache": self.timing_cache,
-            "calibration": None if self.calibration is None else asdict(self.calibration),
             "optimization_level": self.optimization_level,
             "gpu": self.gpu.to_dict(),
+            "tensorrt": self.tensorrt,
+            "notes": list(self.notes),
             "build_command": list(self.build_command),
+            "annotation": self.annotation,
             "spec": self.spec.to_dict(),
-            "export": self.export_info,
+            "export": {k: v for k, v in self.export_info.items() if k != "config"},
         }
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    """(major, minor) of a TensorRT version string such as "10.13.3.9". PlanError if unreadable."""
+    m = re.match(r"^(\d+)\.(\d+)", str(version).strip())
+    if not m:
+        raise PlanError(f"not a TensorRT version: {version!r} (e.g. 10.13 or 11.4.0.106)")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_tensorrt_version(version: str) -> tuple[int, int]:
+    """(major, minor) of ``version`` when this builder supports it (10.3 to 11.x); PlanError
+    naming the supported range otherwise."""
+    v = parse_version(version)
+    if v < MIN_TENSORRT or v[0] > MAX_TENSORRT_MAJOR:
+        raise PlanError(
+            f"TensorRT {version}: this builder supports TensorRT {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} to "
+            f"{MAX_TENSORRT_MAJOR}.x (strongly typed networks); install one of those "
+            "(pip install 'cellsam-trt[trt]'; JetPack 6 ships 10.3)"
+        )
+    return v
+
+
+def version_notes(version: tuple[int, int], precision: str) -> tuple[str, ...]:
+    """What TensorRT ``version`` does with a strongly typed plan of ``precision``."""
+    notes = []
+    if version[0] >= 11:
+        notes.append("TensorRT 11: every network is strongly typed; the STRONGLY_TYPED flag is accepted and ignored")
+    else:
+        notes.append(
+            f"TensorRT {version[0]}.{version[1]}: STRONGLY_TYPED network; tensor types come from the ONNX graph "
+            "(no FP16 / BF16 / INT8 builder flags, no per-layer precision)"
+        )
+    if precision == "int8":
+        notes.append("INT8 from the graph's Q/DQ nodes (explicit quantization; no calibrator)")
+    return tuple(notes)
 
 
 # --------------------------------------------------------------------------- planning (pure)
@@ -305,27 +245,23 @@ def default_workspace(gpu: GpuFacts) -> int:
     return int(min(DEFAULT_WORKSPACE_CAP, max(GIB // 4, gpu.total_memory // 4)))
 
 
-def plan_build(
-    spec: S.ModelSpec,
-    options: BuildOptions,
-    gpu: GpuFacts,
-    onnx_path: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    onnx_dir: str | os.PathLike | None = None,
-    fp32_names: Iterable[str] = (),
-    export_info: dict | None = None,
-) -> BuildPlan:
-    """The build plan of one graph (no TensorRT, no GPU access).
+def graph_precision(model: str, precision: str) -> str:
+    """The precision of the graph file a ``precision`` build of ``model`` parses."""
+    if precision == "int8" and model not in P.GRAPHS["int8"]:
+        return "fp16"
+    return precision
 
-    fp32_names: ONNX node names to keep in FP32 found by ``onnx_fp32_nodes`` (optional).
-    export_info: ``adv_mode`` / ``has_detector`` of the export (recorded in the header; the
-    INT8 calibration of CellFinder / the encoder needs ``adv_mode``).
-    Raises PlanError for an unknown precision, a precision the GPU lacks, bad bounds, INT8
-    without calibration images or cache, or an INT8 request for the decoder.
-    """
-    p = options.precision
+
+def check_precision(precision: str, gpu: GpuFacts) -> None:
+    """PlanError for an unknown precision, FP8, or a precision ``gpu`` lacks."""
+    p = precision
     if p not in PRECISIONS:
         raise PlanError(f"precision must be one of {PRECISIONS}, got {p!r}")
+    if p == "fp8":
+        raise PlanError(
+            "fp8 is not built: no FP8 Q/DQ graph is written (see `cellsam-trt export --precision fp8`), and "
+            "TensorRT runs FP8 only on compute capability >= 8.9; use --precision int8, fp16 or bf16"
+        )
     if p == "bf16" and not gpu.supports_bf16:
         raise PlanError(f"bf16 needs compute capability >= 8.0; {gpu.name} has {gpu.cc}: use --precision fp16")
     if p in ("fp16", "int8") and not gpu.supports_fast_fp16:
@@ -334,77 +270,41 @@ def plan_build(
         )
     if p == "int8" and not gpu.supports_int8:
         raise PlanError(f"int8 needs compute capability >= 6.1; {gpu.name} has {gpu.cc}: use --precision fp16")
+
+
+def plan_build(
+    spec: S.ModelSpec,
+    options: BuildOptions,
+    gpu: GpuFacts,
+    onnx_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tensorrt: str = DRY_RUN_VERSIONS[0],
+    onnx_dir: str | os.PathLike | None = None,
+    missing: str | None = None,
+    annotation: dict | None = None,
+    export_info: dict | None = None,
+) -> BuildPlan:
+    """The build plan of one graph (no TensorRT, no GPU access).
+
+    onnx_path: the graph file to parse (already the annotated one for a reduced precision).
+    tensorrt: the TensorRT version planned for (checked: 10.3 to 11.x).
+    missing: the command that writes ``onnx_path`` when it does not exist yet.
+    annotation / export_info: the manifest's record of the annotated graph and the export's
+    ``adv_mode`` / ``has_detector`` / ``onnx_sha256`` (recorded in the header).
+    Raises PlanError for an unknown precision or one the GPU lacks, FP8, an unsupported
+    TensorRT version, bad bounds or a bad workspace / optimization level.
+    """
+    check_precision(options.precision, gpu)
+    version = check_tensorrt_version(tensorrt)
     if not 0 <= options.optimization_level <= 5:
         raise PlanError(f"optimization level must be 0..5, got {options.optimization_level}")
-    export_info = dict(export_info or {})
     out_dir = Path(out_dir)
-
     bounds = {
         "B": (None, options.opt_batch, options.max_batch),
         "N": (None, options.opt_prompts, options.max_prompts),
         "P": (None, None, options.max_points),
     }
     spec = override_dims(spec, bounds)
-    profile = S.profile_shapes(spec)
-
-    # INT8 applies to the ViT trunks only; the decoder of an int8 build is FP16.
-    precision = "fp16" if (p == "int8" and spec.name == S.DECODER) else p
-    flags: list[str] = []
-    if precision == "fp16":
-        flags.append("FP16")
-    elif precision == "bf16":
-        flags.append("BF16")
-    elif precision == "int8":
-        flags += ["INT8", "FP16"]
-    clear = [] if options.tf32 else ["TF32"]
-    if options.tf32:
-        flags.append("TF32")
-
-    patterns: tuple[str, ...] = ()
-    types: tuple[str, ...] = ()
-    names: frozenset[str] = frozenset()
-    if precision != "fp32":
-        patterns = FP32_PATTERNS_COMMON + FP32_PATTERNS_MODEL.get(spec.name, ()) + tuple(options.keep_fp32)
-        if options.fp32_attention:
-            patterns += ATTENTION_PATTERNS
-        for pat in patterns:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise PlanError(f"invalid --keep-fp32 pattern {pat!r}: {e}") from e
-        types = FP32_LAYER_TYPES
-        names = frozenset(fp32_names)
-        flags.append("OBEY_PRECISION_CONSTRAINTS" if options.strict_precision else "PREFER_PRECISION_CONSTRAINTS")
-
-    calibration = None
-    scope = None
-    if precision == "int8":
-        scope = INT8_SCOPE[spec.name]
-        if "adv_mode" not in export_info:
-            raise PlanError(f"{spec.name}: INT8 calibration needs the export's adv_mode (manifest.json)")
-        inp = spec.inputs[0]
-        batch = inp.shape[0]
-        cb = int(options.calib_batch)
-        if isinstance(batch, S.Dim) and not batch.min <= cb <= batch.max:
-            raise PlanError(f"--calib-batch {cb} is outside the batch range [{batch.min}, {batch.max}] of {spec.name}")
-        cache_dir = Path(options.calib_cache_dir) if options.calib_cache_dir else out_dir
-        cache = cache_dir / f"{spec.name}.int8.calib"
-        if options.calib_images is None and not cache.is_file():
-            raise PlanError(
-                f"{spec.name}: INT8 needs --calib-images DIR (a folder of representative images) "
-                f"or an existing calibration cache {cache}"
-            )
-        shape = (cb,) + tuple(inp.dims("opt")[1:])
-        calibration = CalibrationPlan(
-            inp.name,
-            shape,
-            "sam" if spec.name == S.ENCODER else "cellfinder",
-            bool(export_info["adv_mode"]),
-            options.calib_images,
-            str(cache),
-            int(options.calib_max_images),
-        )
-
     if options.workspace_gib is not None:
         if options.workspace_gib <= 0:
             raise PlanError("--workspace-gib must be > 0")
@@ -420,98 +320,23 @@ def plan_build(
         onnx_path=str(onnx_path),
         engine_path=str(EF.engine_path(out_dir, spec.name)),
         spec=spec,
-        precision=precision,
-        profile=profile,
-        flags=tuple(flags),
-        clear_flags=tuple(clear),
-        fp32_patterns=patterns,
-        fp32_types=types,
-        fp32_names=names,
-        int8_scope=scope,
+        precision=options.precision,
+        graph_precision=graph_precision(spec.name, options.precision),
+        missing=missing,
+        profile=S.profile_shapes(spec),
+        network_flags=("STRONGLY_TYPED",),
+        flags=("TF32",) if options.tf32 else (),
+        clear_flags=() if options.tf32 else ("TF32",),
         workspace_bytes=workspace,
         timing_cache=timing,
-        calibration=calibration,
         optimization_level=int(options.optimization_level),
         gpu=gpu,
+        tensorrt=str(tensorrt),
+        notes=version_notes(version, options.precision),
         build_command=tuple(argv),
-        export_info=export_info,
+        annotation=dict(annotation or {}),
+        export_info=dict(export_info or {}),
     )
-
-
-def onnx_fp32_nodes(model, name: str) -> set[str]:
-    """ONNX node names of ``model`` (an ``onnx.ModelProto``) that the graph analysis keeps in
-    FP32 for graph ``name``:
-
-    * the argument chains of every Sin / Cos (positional encodings): walking back from the
-      Sin / Cos through elementwise / reshaping ops and MatMuls with a constant operand
-      (at most 10 steps), e.g. the prompt encoder's coords -> (x + 0.5) / 1024 -> 2x - 1 ->
-      @ gaussian -> * 2 pi -> sin;
-    * for CellFinder, the heads: everything the outputs depend on after the last decoder layer
-      (class / box heads, inverse sigmoid, reference points, sigmoid).
-    """
-    g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
-    constants = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
-    elementwise = {
-        "Add",
-        "Sub",
-        "Mul",
-        "Div",
-        "Unsqueeze",
-        "Reshape",
-        "Slice",
-        "Gather",
-        "Concat",
-        "Cast",
-        "Transpose",
-        "Expand",
-        "Flatten",
-        "Squeeze",
-        "Pow",
-        "Neg",
-        "Tile",
-        "MatMul",
-    }
-    keep: set[str] = set()
-
-    def is_const(t: str) -> bool:
-        seen = 0
-        while t in producer and seen < 8:  # a constant folded through Cast/Reshape still counts
-            n = producer[t]
-            if n.op_type == "Constant":
-                return True
-            if n.op_type not in ("Cast", "Reshape", "Unsqueeze", "Transpose", "Identity"):
-                return False
-            t, seen = n.input[0], seen + 1
-        return t in constants
-
-    for node in g.node:
-        if node.op_type not in ("Sin", "Cos"):
-            continue
-        keep.add(node.name)
-        frontier = [(t, 0) for t in node.input]
-        while frontier:
-            t, depth = frontier.pop()
-            n = producer.get(t)
-            if n is None or n.op_type == "Constant" or depth >= 10 or n.op_type not in elementwise:
-                continue
-            if n.op_type == "MatMul" and not any(is_const(i) for i in n.input):
-                continue
-            keep.add(n.name)
-            frontier += [(i, depth + 1) for i in n.input if i]
-    if name == S.CELLFINDER:
-        stop = re.compile(r"(_layers\.\d+/|/backbone/|/input_proj)")
-        frontier = [o.name for o in g.output]
-        seen: set[str] = set()
-        while frontier:
-            t = frontier.pop()
-            n = producer.get(t)
-            if n is None or n.name in seen or n.op_type == "Constant" or stop.search(n.name):
-                continue
-            seen.add(n.name)
-            keep.add(n.name)
-            frontier += [i for i in n.input if i]
-    return keep
 
 
 def plan_export(
@@ -520,15 +345,18 @@ def plan_export(
     options: BuildOptions,
     gpu: GpuFacts,
     models: Sequence[str] | None = None,
-    analyse_onnx: bool = True,
+    tensorrt: str = DRY_RUN_VERSIONS[0],
 ) -> list[BuildPlan]:
     """Plans for the graphs of an export directory (its ``manifest.json`` specs).
 
-    models: which graphs (default: all in the export). analyse_onnx: load each ONNX graph
-    (without weights) for ``onnx_fp32_nodes``.
+    models: which graphs (default: the image encoder, decoder and CellFinder in the export).
+    A reduced precision parses the annotated graph of the manifest
+    (``models[graph]["annotated"][precision]``); where it is absent, or was made from another
+    FP32 graph, the plan's ``missing`` names the ``cellsam-trt export`` command that writes it.
     """
     from ..runtime.manifest import read_manifest
 
+    check_precision(options.precision, gpu)
     manifest = read_manifest(onnx_dir)
     entries = manifest["models"]
     names = list(models) if models else [m for m in S.MODEL_NAMES if m in entries]
@@ -543,30 +371,37 @@ def plan_export(
     plans = []
     for m in names:
         entry = entries[m]
-        spec = S.ModelSpec.from_dict(entry["spec"])
+        gp = graph_precision(m, options.precision)
         path = Path(onnx_dir) / entry["file"]
-        fp32 = set()
-        if analyse_onnx and options.precision != "fp32":
-            import onnx
-
-            fp32 = onnx_fp32_nodes(onnx.load(str(path), load_external_data=False), m)
-        plan = plan_build(
-            spec,
-            options,
-            gpu,
-            path,
-            out_dir,
-            onnx_dir=onnx_dir,
-            fp32_names=fp32,
-            export_info=dict(info, onnx_sha256=entry.get("sha256")),
+        record: dict = {}
+        missing = None
+        sha = entry.get("sha256")
+        if gp != "fp32":
+            record = dict(entry.get("annotated", {}).get(gp, {}))
+            path = Path(onnx_dir) / (record.get("file") or P.annotated_file(m, gp))
+            if not record or record.get("source_sha256") != entry.get("sha256") or not path.is_file():
+                ask = options.precision
+                calib = " --calib-images DIR" if ask == "int8" else ""
+                missing = f"cellsam-trt export --annotate-only --out {onnx_dir} --precision {ask}{calib}"
+            sha = record.get("sha256")
+        plans.append(
+            plan_build(
+                S.ModelSpec.from_dict(entry["spec"]),
+                options,
+                gpu,
+                path,
+                out_dir,
+                tensorrt=tensorrt,
+                onnx_dir=onnx_dir,
+                missing=missing,
+                annotation=record,
+                export_info=dict(info, onnx_sha256=sha),
+            )
         )
-        plans.append(plan)
     return plans
 
 
-def engine_header(
-    plan: BuildPlan, tensorrt_version: str, onnx_sha256: str | None, layer_counts: dict | None = None
-) -> dict:
+def engine_header(plan: BuildPlan, tensorrt_version: str, onnx_sha256: str | None) -> dict:
     """The JSON header of an engine built from ``plan`` (``engine_file`` adds the engine hash)."""
     return {
         "format": "cellsam-trt-engine",
@@ -575,17 +410,13 @@ def engine_header(
         "tensorrt_version": tensorrt_version,
         "gpu": plan.gpu.to_dict(),
         "precision": plan.precision,
+        "graph_precision": plan.graph_precision,
+        "strongly_typed": True,
         "profiles": [{k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in plan.profile.items()}],
-        "fp32_layers": {
-            "patterns": list(plan.fp32_patterns),
-            "types": list(plan.fp32_types),
-            "names": sorted(plan.fp32_names),
-            "counts": layer_counts or {},
-        },
-        "int8_scope": plan.int8_scope,
-        "calibration_cache": plan.calibration.cache_path if plan.calibration else None,
+        "annotation": plan.annotation,
         "flags": list(plan.flags),
         "workspace_bytes": plan.workspace_bytes,
+        "onnx_file": Path(plan.onnx_path).name,
         "onnx_sha256": onnx_sha256,
         "onnx_dir": str(Path(plan.onnx_path).parent),
         "spec": plan.spec.to_dict(),
@@ -596,208 +427,52 @@ def engine_header(
     }
 
 
-# --------------------------------------------------------------------------- INT8 calibration data
+# ------------------------------------------------- calibration helpers (kept for openvino_int8)
 
 
 def calibration_files(image_dir: str | os.PathLike, max_images: int) -> list[Path]:
-    """The first ``max_images`` image files of a folder, sorted by name (deterministic)."""
-    from ..io import IMAGE_SUFFIXES
-
-    d = Path(image_dir)
-    if not d.is_dir():
-        raise PlanError(f"calibration image folder {d} does not exist")
-    files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise PlanError(f"no images in {d} (suffixes {sorted(IMAGE_SUFFIXES)})")
-    return files[:max_images]
+    """``precision.calibration_files`` raising PlanError (the callers of this module catch it)."""
+    try:
+        return P.calibration_files(image_dir, max_images)
+    except P.PrecisionError as e:
+        raise PlanError(str(e)) from None
 
 
-def model_input(
-    image: np.ndarray, branch: str, adv_mode: bool, normalize: bool = True, channel_axis: int | None = None
-) -> np.ndarray:
-    """One image -> the (1, 3, 1024, 1024) float32 input of the SAM encoder ("sam") or CellFinder
-    ("cellfinder"), prepared by the pipeline's own ``prepare`` stage, as at run time.
-    Raises ``preprocess.BlankImageError`` for a blank image on the SAM branch."""
-    settings = pipeline.SegmentSettings(normalize=normalize, channels=pipeline.Channels(axis=channel_axis))
-    sq = pipeline.prepare(image, settings).squashed
-    if branch == "sam":
-        return pre.sam_encoder_input(sq, adv_mode)
-    if branch == "cellfinder":
-        return pre.cellfinder_input(sq, adv_mode)
-    raise ValueError(f"branch must be 'sam' or 'cellfinder', got {branch!r}")
-
-
-def calibration_batches(
-    images: Iterable[np.ndarray | str | os.PathLike],
-    branch: str,
-    adv_mode: bool,
-    batch_size: int,
-    log: Callable[[str], None] | None = None,
-    reader: Callable[[str | os.PathLike], np.ndarray] | None = None,
-) -> Iterator[np.ndarray]:
-    """Preprocessed calibration batches (batch_size, 3, 1024, 1024) float32, C-contiguous.
-
-    images: arrays or file paths (read with ``reader``, default ``cellsam_trt.io.read_image``).
-    Blank or unreadable images are skipped (logged); a final partial batch is dropped (the
-    calibration profile has one fixed batch size).
-    """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    say = log or (lambda m: None)
-    if reader is None:
-        from ..io import read_image as reader
-    buf: list[np.ndarray] = []
-    for item in images:
-        try:
-            img = item if isinstance(item, np.ndarray) else reader(item)
-            x = model_input(img, branch, adv_mode)
-        except (pre.BlankImageError, ValueError, OSError) as e:
-            say(f"calibration: skipping {item if not isinstance(item, np.ndarray) else 'an image'}: {e}")
-            continue
-        buf.append(x[0])
-        if len(buf) == batch_size:
-            yield np.ascontiguousarray(np.stack(buf), dtype=np.float32)
-            buf = []
-    if buf:
-        say(f"calibration: dropping the last {len(buf)} image(s) (not a full batch of {batch_size})")
-
-
-class CalibratorCore:
-    """The logic of an INT8 calibrator, without TensorRT or CUDA (unit-tested on the CPU).
-
-    batches: iterator of (B, 3, 1024, 1024) float32 arrays of ``batch_shape``.
-    to_device: copies one batch into a device buffer and returns its address (int); the
-      TensorRT runtime passes ``HostDeviceBuffer.upload`` (pinned staging + device memory).
-    cache_path: the calibration cache (read by ``read_cache``, written atomically by
-      ``write_cache``); when it holds a cache, TensorRT asks for no batches.
-    """
-
-    def __init__(
-        self,
-        batches: Iterable[np.ndarray],
-        input_name: str,
-        batch_shape: Sequence[int],
-        to_device: Callable[[np.ndarray], int],
-        cache_path: str | os.PathLike | None,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        self._it = iter(batches)
-        self.input_name = input_name
-        self.batch_shape = tuple(int(d) for d in batch_shape)
-        self.to_device = to_device
-        self.cache_path = Path(cache_path) if cache_path else None
-        self.log = log or (lambda m: None)
-        self.batches_served = 0
-
-    def get_batch_size(self) -> int:
-        # The batch is explicit in the calibration profile (TRT 10 has no implicit batch); the
-        # deprecated getBatchSize() is still called by the Python trampoline: 1, as Polygraphy does.
-        return 1
-
-    def get_batch(self, names: Sequence[str]) -> list[int] | None:
-        """Device addresses for the next batch in the order of ``names``; None when exhausted."""
-        names = list(names)
-        if names != [self.input_name]:
-            raise ValueError(f"calibrator for {self.input_name!r} was asked for inputs {names}")
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.log(f"calibration: {self.batches_served} batch(es) of {self.batch_shape}")
-            return None
-        if tuple(batch.shape) != self.batch_shape or batch.dtype != np.float32:
-            raise ValueError(f"calibration batch {batch.shape} {batch.dtype}, expected {self.batch_shape} float32")
-        ptr = int(self.to_device(np.ascontiguousarray(batch)))
-        self.batches_served += 1
-        return [ptr]
-
-    def read_cache(self) -> bytes | None:
-        if self.cache_path is not None and self.cache_path.is_file() and self.cache_path.stat().st_size > 0:
-            self.log(f"calibration: using cache {self.cache_path}")
-            return self.cache_path.read_bytes()
-        return None
-
-    def write_cache(self, cache: bytes) -> None:
-        if self.cache_path is None:
-            return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_name(self.cache_path.name + ".tmp")
-        tmp.write_bytes(bytes(cache))
-        os.replace(tmp, self.cache_path)
-        self.log(f"calibration: wrote cache {self.cache_path} ({len(cache)} bytes)")
-
-
-def make_entropy_calibrator(core: CalibratorCore):
-    """A ``tensorrt.IInt8EntropyCalibrator2`` delegating to ``core`` (needs TensorRT)."""
-    import tensorrt as trt
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self, c: CalibratorCore) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)  # pybind11 trampolines need the explicit base init
-            self.core = c
-
-        def get_batch_size(self) -> int:
-            return self.core.get_batch_size()
-
-        def get_batch(self, names):
-            return self.core.get_batch(names)
-
-        def read_calibration_cache(self):
-            return self.core.read_cache()
-
-        def write_calibration_cache(self, cache) -> None:
-            self.core.write_cache(bytes(cache))
-
-    return EntropyCalibrator(core)
+calibration_batches = P.calibration_batches
+model_input = P.model_input
 
 
 # --------------------------------------------------------------------------- the TensorRT part
 
 
-def _require_trt10():
+def require_tensorrt():
+    """The ``tensorrt`` module, when it is installed and a supported version (BuildError)."""
     try:
         import tensorrt as trt
     except ImportError as e:
         raise BuildError(
             "TensorRT is not installed (pip install 'cellsam-trt[trt]' on a machine with an NVIDIA GPU and driver)"
         ) from e
-    major = int(str(trt.__version__).split(".")[0])
-    if major != 10:
-        raise BuildError(
-            f"TensorRT {trt.__version__}: this builder uses the TensorRT 10 weakly-typed API "
-            "(per-layer precision, FP16/BF16/INT8 builder flags); install TensorRT 10.x"
-        )
+    try:
+        check_tensorrt_version(str(trt.__version__))
+    except PlanError as e:
+        raise BuildError(str(e)) from None
     return trt
 
 
-def apply_precision_constraints(network, plan: BuildPlan, trt) -> dict[str, int]:
-    """Pin layer precisions and float output types per ``plan.layer_precision``; returns counts."""
-    counts = {"fp32": 0, "fp16": 0}
-    dtypes = {"fp32": trt.float32, "fp16": trt.float16}
-    floats = (trt.float32, trt.float16, trt.bfloat16)
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        want = plan.layer_precision(layer.name, layer.type.name)
-        if want is None:
-            continue
-        outs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
-        if not outs:
-            continue
-        layer.precision = dtypes[want]
-        for j in outs:
-            layer.set_output_type(j, dtypes[want])
-        counts[want] += 1
-    return counts
-
-
 def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> Path:
-    """Build and write the engine of ``plan`` (TensorRT 10 + a CUDA GPU). Returns its path."""
+    """Build and write the engine of ``plan`` (TensorRT 10.3+ / 11.x and a CUDA GPU); its path."""
     say = log or (lambda m: None)
-    trt = _require_trt10()
+    if plan.missing:
+        raise BuildError(
+            f"{plan.model}: no {plan.graph_precision} graph {plan.onnx_path}; write it with: {plan.missing}"
+        )
+    trt = require_tensorrt()
     from ..model.checkpoint import sha256_file
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(plan.onnx_path):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
@@ -808,17 +483,15 @@ def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> P
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    for f in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, f))
-    for f in plan.clear_flags:
-        config.clear_flag(getattr(trt.BuilderFlag, f))
+    if "TF32" in plan.flags:
+        config.set_flag(trt.BuilderFlag.TF32)
+    if "TF32" in plan.clear_flags:
+        config.clear_flag(trt.BuilderFlag.TF32)
     config.builder_optimization_level = plan.optimization_level
     profile = builder.create_optimization_profile()
     for name, (mn, op, mx) in plan.profile.items():
         profile.set_shape(name, mn, op, mx)
     config.add_optimization_profile(profile)
-    counts = apply_precision_constraints(network, plan, trt)
-    say(f"{plan.model}: {plan.precision}, {counts['fp32']} layers pinned to FP32, {counts['fp16']} to FP16")
 
     cache = None
     if plan.timing_cache:
@@ -829,33 +502,8 @@ def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> P
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, False)
 
-    staging = None
-    if plan.calibration is not None:
-        from ..engine.trt_backend import HostDeviceBuffer
-
-        c = plan.calibration
-        staging = HostDeviceBuffer(c.batch_shape, np.float32)
-        files = calibration_files(c.image_dir, c.max_images) if c.image_dir else []
-        core = CalibratorCore(
-            calibration_batches(files, c.branch, c.adv_mode, c.batch_shape[0], say),
-            c.input_name,
-            c.batch_shape,
-            staging.upload_sync,
-            c.cache_path,
-            say,
-        )
-        config.int8_calibrator = make_entropy_calibrator(core)
-        calib_profile = builder.create_optimization_profile()
-        calib_profile.set_shape(c.input_name, c.batch_shape, c.batch_shape, c.batch_shape)
-        if not config.set_calibration_profile(calib_profile):
-            raise BuildError(f"{plan.model}: TensorRT rejected the calibration profile {c.batch_shape}")
-
-    say(f"building {plan.engine_path} (this takes minutes) ...")
-    try:
-        serialized = builder.build_serialized_network(network, config)
-    finally:
-        if staging is not None:
-            staging.free()
+    say(f"building {plan.engine_path} ({plan.graph_precision} graph, strongly typed; this takes minutes) ...")
+    serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"{plan.model}: TensorRT could not build the engine (see the TensorRT log above)")
     if cache is not None:
@@ -864,7 +512,7 @@ def build_engine(plan: BuildPlan, log: Callable[[str], None] | None = None) -> P
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         os.replace(tmp, plan.timing_cache)
     header = engine_header(
-        plan, str(trt.__version__), plan.export_info.get("onnx_sha256") or sha256_file(plan.onnx_path), counts
+        plan, str(trt.__version__), plan.export_info.get("onnx_sha256") or sha256_file(plan.onnx_path)
     )
     path = EF.write_engine_file(plan.engine_path, header, serialized)
     say(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -879,12 +527,19 @@ def build_export(
     device_id: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Plan and build every engine of an export directory on GPU ``device_id``."""
+    """Plan and build every engine of an export directory on GPU ``device_id`` with the
+    installed TensorRT. BuildError when TensorRT is missing or an annotated graph is."""
     from ..engine.trt_backend import query_gpu
 
-    _require_trt10()  # say "TensorRT is not installed" before anything else
+    trt = require_tensorrt()  # say "TensorRT is not installed" before anything else
     gpu = query_gpu(device_id)
-    plans = plan_export(onnx_dir, out_dir, options, gpu, models)
+    plans = plan_export(onnx_dir, out_dir, options, gpu, models, tensorrt=str(trt.__version__))
+    missing = sorted({p.missing for p in plans if p.missing})
+    if missing:
+        raise BuildError(
+            f"{onnx_dir}: the export has no {options.precision} graphs for "
+            f"{', '.join(p.model for p in plans if p.missing)}; write them with: {missing[0]}"
+        )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = [build_engine(p, log) for p in plans]
     summary = {"engines": [p.name for p in paths], "plans": [p.to_dict() for p in plans]}

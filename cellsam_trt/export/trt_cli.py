@@ -1,13 +1,16 @@
 """``cellsam-trt build``: TensorRT engines from an export directory (argument parsing only;
 the work is in ``tensorrt_build``).
 
+    cellsam-trt export --annotate-only --out export/ --precision fp16       # the FP16 graphs, once
     cellsam-trt build --onnx export/ --out engines/ --precision fp16
-    cellsam-trt build --onnx export/ --out engines/ --precision int8 --calib-images calib/
-    cellsam-trt build --onnx export/ --out engines/ --dry-run --gpu-name "NVIDIA H100" --compute-capability 9.0
+    cellsam-trt build --onnx export/ --out engines/ --dry-run --gpu-name "NVIDIA L4" --compute-capability 8.9
 
-``--dry-run`` prints the build plans (profiles, flags, FP32 layers, workspace, cache paths) as
-JSON and builds nothing; with ``--gpu-name`` / ``--compute-capability`` it needs neither
-TensorRT nor a GPU.
+Engines are strongly typed: the precision comes from the export's annotated graphs
+(``cellsam-trt export --precision fp16|bf16|int8``). ``--dry-run`` prints the build plans
+(graph file, profiles, flags, workspace, cache paths, what the TensorRT version does) as JSON
+and builds nothing: for the installed TensorRT, or, where none is installed, for TensorRT 11.4,
+10.13 and 10.3 (``--tensorrt`` picks others); with ``--gpu-name`` / ``--compute-capability``
+it needs neither TensorRT nor a GPU.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--onnx", required=True, help="export directory (cellsam-trt export): manifest.json + *.onnx")
-    p.add_argument("--out", required=True, help="where the .engine files, timing cache and calibration caches go")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp16")
+    p.add_argument("--out", required=True, help="where the .engine files and the timing cache go")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "fp8"), default="fp16")
     p.add_argument("--models", nargs="+", choices=S.MODEL_NAMES, help="graphs to build (default: all in the export)")
     g = p.add_argument_group("profiles (default: the spec's bounds)")
     g.add_argument("--max-batch", type=int, help="max images per encoder / CellFinder call (e.g. 8)")
@@ -41,29 +44,18 @@ def add_build_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--workspace-gib", type=float, help="WORKSPACE pool limit (default min(4, GPU memory / 4))")
     g.add_argument("--timing-cache", help="timing cache file (default OUT/timing.cache), reused and updated")
     g.add_argument("--no-timing-cache", action="store_true")
-    g.add_argument(
-        "--keep-fp32",
-        action="append",
-        default=[],
-        metavar="REGEX",
-        help="extra layer-name pattern kept in FP32 (repeatable)",
-    )
-    g.add_argument("--fp32-attention", action="store_true", help="also keep attention scores in FP32")
-    g.add_argument(
-        "--prefer-precision",
-        action="store_true",
-        help="PREFER instead of OBEY precision constraints (TensorRT may fall back)",
-    )
-    g.add_argument("--tf32", action="store_true", help="allow TF32 in FP32 layers")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 in FP32 matmuls / convolutions")
     g.add_argument("--optimization-level", type=int, default=3, help="builder optimization level 0..5")
-    g = p.add_argument_group("INT8 calibration (--precision int8)")
-    g.add_argument("--calib-images", help="folder of representative images")
-    g.add_argument("--calib-cache-dir", help="where <model>.int8.calib caches are read / written (default OUT)")
-    g.add_argument("--calib-batch", type=int, default=1)
-    g.add_argument("--calib-max-images", type=int, default=64)
     g = p.add_argument_group("target")
     g.add_argument("--device", type=int, default=0, help="CUDA device index")
     g.add_argument("--dry-run", action="store_true", help="print the build plans as JSON, build nothing")
+    g.add_argument(
+        "--tensorrt",
+        action="append",
+        metavar="VERSION",
+        help="with --dry-run: plan for this TensorRT version (repeatable; default: the installed one, "
+        "else 11.4, 10.13 and 10.3)",
+    )
     g.add_argument("--gpu-name", help="plan for this GPU instead of querying one (with --dry-run)")
     g.add_argument("--compute-capability", help="e.g. 8.9 (with --gpu-name)")
     g.add_argument("--gpu-memory-gib", type=float, default=16.0, help="GPU memory for planning (with --gpu-name)")
@@ -84,13 +76,6 @@ def options_from_args(args):
         workspace_gib=args.workspace_gib,
         timing_cache=args.timing_cache,
         no_timing_cache=args.no_timing_cache,
-        calib_images=args.calib_images,
-        calib_cache_dir=args.calib_cache_dir,
-        calib_batch=args.calib_batch,
-        calib_max_images=args.calib_max_images,
-        keep_fp32=tuple(args.keep_fp32),
-        fp32_attention=args.fp32_attention,
-        strict_precision=not args.prefer_precision,
         tf32=args.tf32,
         optimization_level=args.optimization_level,
     )
@@ -112,10 +97,18 @@ def _gpu_from_args(args):
     return GpuFacts(args.gpu_name, (major, minor), int(args.gpu_memory_gib * GIB))
 
 
+def _installed_tensorrt() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
+
+
 def cmd_build(args) -> int:
     from ..runtime.engine_file import EngineCompatError
     from ..runtime.manifest import ManifestError
-    from .tensorrt_build import BuildError, PlanError, build_export, plan_export
+    from .tensorrt_build import DRY_RUN_VERSIONS, BuildError, PlanError, build_export, plan_export
 
     options = options_from_args(args)
     log = lambda m: print(m, file=sys.stderr)
@@ -126,14 +119,19 @@ def cmd_build(args) -> int:
                 from ..engine.trt_backend import query_gpu
 
                 gpu = query_gpu(args.device)
-            plans = plan_export(args.onnx, args.out, options, gpu, args.models)
+            installed = _installed_tensorrt()
+            versions = args.tensorrt or ([installed] if installed else list(DRY_RUN_VERSIONS))
             out = []
-            for p in plans:
-                d = p.to_dict()
-                d["fp32_names"] = f"{len(p.fp32_names)} ONNX nodes"
-                out.append(d)
+            for v in versions:
+                plans = plan_export(args.onnx, args.out, options, gpu, args.models, tensorrt=v)
+                out.append({"tensorrt": v, "installed": v == installed, "plans": [p.to_dict() for p in plans]})
+                for p in plans:
+                    if p.missing:
+                        log(f"TensorRT {v}, {p.model}: no {p.graph_precision} graph yet; write it with: {p.missing}")
             print(json.dumps(out, indent=1, sort_keys=True))
             return 0
+        if args.tensorrt:
+            raise SystemExit("cellsam-trt build: --tensorrt plans for another version and is only valid with --dry-run")
         if gpu is not None:
             raise SystemExit(
                 "cellsam-trt build: --gpu-name plans for another GPU and is only valid with --dry-run "

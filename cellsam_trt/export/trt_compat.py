@@ -1,4 +1,4 @@
-"""Static TensorRT 10 compatibility check of an ONNX graph (no TensorRT needed).
+"""Static TensorRT 10 / 11 compatibility check of an ONNX graph (no TensorRT needed).
 
 The facts come from the ONNX-TensorRT operator support matrix of TensorRT 10
 (onnx/onnx-tensorrt ``docs/operators.md``, 10.x releases): opsets 9 to 20 are parsed; every
@@ -8,8 +8,11 @@ Only operators whose support is documented are listed; anything else is reported
 
 Checked per node: the operator is supported; every input tensor whose dtype is known (graph
 inputs/outputs, initializers, shape-inferred value_info) has a dtype listed for
-that operator; the documented "must be an initializer / constant" restrictions on ``axes``
-style inputs; and the opset of the default domain.
+that operator (per input for QuantizeLinear / DequantizeLinear: float data and scales,
+INT8 / FP8 / INT4 quantized data and zero points, so an INT32-quantized bias is reported);
+the documented "must be an initializer / constant" restrictions on ``axes`` style inputs; and
+the opset of the default domain (9 to 20, the range of TensorRT 10.0; later releases read
+more).
 """
 
 from __future__ import annotations
@@ -106,7 +109,6 @@ _SUPPORTED: dict[str, tuple[str, ...]] = {
             "NonZero",
             "Mish",
             "DeformConv",
-            "QuantizeLinear",
         )
     },
     **{
@@ -191,7 +193,12 @@ _SUPPORTED: dict[str, tuple[str, ...]] = {
     "Or": B,
     "Xor": B,
     "Not": B,
-    "DequantizeLinear": ("INT8", "FLOAT8E4M3FN", "INT4") + F,
+}
+Q = ("INT8", "FLOAT8E4M3FN", "INT4")  # TensorRT's quantized types (explicit quantization)
+# operators whose inputs differ in dtype: op -> supported dtypes per input position
+_SUPPORTED_PER_INPUT: dict[str, tuple[tuple[str, ...], ...]] = {
+    "QuantizeLinear": (F, F, Q),  # x, scale, zero point (a quantized type; all zeros)
+    "DequantizeLinear": (Q, F, Q),  # quantized x, scale, zero point
 }
 
 # inputs that the parser needs as build-time constants: op -> input positions
@@ -271,11 +278,14 @@ def check_trt_compat(model: onnx.ModelProto) -> CompatReport:
         if node.domain not in ("", "ai.onnx"):
             problems.append(f"node {node.name or node.op_type}: custom operator {node.domain}::{node.op_type}")
             continue
+        per_input = _SUPPORTED_PER_INPUT.get(node.op_type)
         allowed = _SUPPORTED.get(node.op_type)
-        if allowed is None:
+        if allowed is None and per_input is None:
             problems.append(f"node {node.name or node.op_type}: operator {node.op_type} is not supported")
             continue
-        for tensor in node.input:  # outputs are checked as the next node's inputs / graph outputs
+        for pos, tensor in enumerate(node.input):  # outputs are checked as the next node's inputs / graph outputs
+            if per_input is not None:
+                allowed = per_input[min(pos, len(per_input) - 1)]
             if tensor and tensor in dtypes and dtypes[tensor] not in allowed:
                 problems.append(
                     f"node {node.name or node.op_type}: {node.op_type} on {dtypes[tensor]} tensor "

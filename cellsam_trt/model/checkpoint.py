@@ -9,6 +9,13 @@ Accepted files (``torch.load(weights_only=True)``: a checkpoint cannot run code)
 
 The official model silently switches preprocessing when ``model_cp.`` keys are absent; we do
 the same for fidelity but report it as ``LoadedCheckpoint.adv_mode``.
+
+Keys (the official loader, ``load_state_dict(strict=False)``, ignores unknown and missing keys
+silently): a tensor of the wrong shape is always refused; a key missing from a part that runs
+(``running_parts``: the SAM copy that makes the masks, CellFinder) is always refused, with the
+list; unexpected keys, and missing keys of parts that never run (the ``model.`` copy in adv
+mode, the prompt encoder's mask-prompt branch), are reported as a ``CheckpointWarning`` and the
+model loads. ``strict=True`` refuses every unexpected or missing key.
 """
 
 from __future__ import annotations
@@ -35,6 +42,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the problem."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but does not match the layout exactly (keys listed)."""
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    """How a state dict's keys meet the model's. kind: "cellsam" or "sam"; adv_mode: the
+    ``model_cp.`` copy is present; unexpected: keys the model has no place for (ignored);
+    unused_missing: keys missing from parts that never run (left at their initial values)."""
+
+    kind: str
+    cfg: CellSAMConfig
+    adv_mode: bool
+    unexpected: tuple[str, ...] = ()
+    unused_missing: tuple[str, ...] = ()
+
+
 @dataclass
 class LoadedCheckpoint:
     model: CellSAM
@@ -42,6 +66,8 @@ class LoadedCheckpoint:
     kind: str  # "cellsam" or "sam"
     adv_mode: bool
     sha256: str | None
+    unexpected: tuple[str, ...] = ()  # keys ignored (reported as a CheckpointWarning)
+    unused_missing: tuple[str, ...] = ()  # keys of parts that never run, absent from the file
 
     @property
     def mode_description(self) -> str:
@@ -152,7 +178,8 @@ def infer_config(state: dict[str, torch.Tensor]) -> CellSAMConfig:
 
     The official checkpoint gives ``CellSAMConfig()``; smaller stand-ins (tests) give theirs.
     """
-    sam = _trunk_config(state, "model.image_encoder.")
+    trunk = "model.image_encoder." if "model.image_encoder.pos_embed" in state else "model_cp.image_encoder."
+    sam = _trunk_config(state, trunk)
     body = "cellfinder.decode_head.backbone.body."
     if body + "pos_embed" not in state:
         return CellSAMConfig(sam=sam)
@@ -173,13 +200,22 @@ def infer_config(state: dict[str, torch.Tensor]) -> CellSAMConfig:
     return CellSAMConfig(sam=sam, cellfinder=cf)
 
 
-def load_state_dict(
-    state: dict[str, torch.Tensor],
-    cfg: CellSAMConfig | None = None,
-    strict: bool = True,
-    source: str = "<state dict>",
-) -> tuple[CellSAM, str]:
-    """Build a CellSAM for ``state`` and load it. Returns (model, kind) with kind "cellsam" or "sam"."""
+def running_parts(kind: str, adv_mode: bool) -> tuple[str, ...]:
+    """Key prefixes of the parameters that inference uses: the SAM copy that makes the masks
+    (``model_cp.`` in adv mode, else ``model.``: image encoder, prompt encoder, mask decoder)
+    and, for a CellSAM checkpoint, CellFinder (``cellfinder.``). The prompt encoder's
+    mask-prompt branch (``mask_downscaling``) never runs: CellSAM gives SAM no mask prompt."""
+    sam = "model_cp." if adv_mode else "model."
+    parts = tuple(sam + p for p in _SAM_PARTS)
+    return parts + (("cellfinder.",) if kind == "cellsam" else ())
+
+
+def _runs(key: str, parts: tuple[str, ...]) -> bool:
+    return key.startswith(parts) and ".prompt_encoder.mask_downscaling." not in key
+
+
+def _prepare(state, cfg: CellSAMConfig | None, source: str) -> tuple[dict[str, torch.Tensor], str, CellSAMConfig]:
+    """Unwrapped, ``model.``-prefixed (plain SAM), canonicalised state; its kind and architecture."""
     state = _unwrap(state, source)
     if any(k.startswith(_SAM_PARTS) for k in state) and not any(k.startswith("model.") for k in state):
         state = {"model." + k: v for k, v in state.items()}
@@ -194,45 +230,118 @@ def load_state_dict(
             raise CheckpointError(
                 f"{source}: not a CellSAM or SAM checkpoint (cannot read its architecture: {e})"
             ) from e
-    has_cp = any(k.startswith("model_cp.") for k in state)
-    model = CellSAM(cfg, with_model_cp=has_cp, with_cellfinder=(kind == "cellsam"))
-    own = model.state_dict()
+    return state, kind, cfg
+
+
+def _check(state: dict[str, torch.Tensor], kind: str, cfg: CellSAMConfig, strict: bool, source: str) -> KeyReport:
+    """Compare ``state`` (prepared) with the model it makes (built on the meta device: no memory)."""
+    adv = any(k.startswith("model_cp.") for k in state)
+    with torch.device("meta"):
+        own = {
+            k: v.shape
+            for k, v in CellSAM(cfg, with_model_cp=adv, with_cellfinder=(kind == "cellsam")).state_dict().items()
+        }
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {tuple(own[k].shape)})"
+        f"{k} {tuple(state[k].shape)} (expected {tuple(own[k])})"
         for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
+        if state[k].shape != own[k]
     )
     if wrong:
         raise CheckpointError(f"{source}: tensors of the wrong shape: {_format_keys(wrong)}")
+    parts = running_parts(kind, adv)
+    needed = [k for k in missing if _runs(k, parts)]
+    if needed:
+        raise CheckpointError(
+            f"{source}: keys missing from parts that run ({', '.join(p.rstrip('.') for p in parts)}): "
+            f"{_format_keys(needed)}"
+        )
     if strict and (missing or unexpected):
-        parts = []
+        found = []
         if missing:
-            parts.append(f"missing keys: {_format_keys(missing)}")
+            found.append(f"missing keys (parts that never run): {_format_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_format_keys(unexpected)}")
-        raise CheckpointError(f"{source}: checkpoint does not match the CellSAM layout; " + "; ".join(parts))
+            found.append(f"unexpected keys: {_format_keys(unexpected)}")
+        raise CheckpointError(f"{source}: checkpoint does not match the CellSAM layout (strict); " + "; ".join(found))
+    if unexpected:
+        warnings.warn(
+            f"{source}: {len(unexpected)} unexpected keys ignored: {_format_keys(unexpected)}",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    if missing:
+        warnings.warn(
+            f"{source}: {len(missing)} keys of parts that never run are absent (left unset): {_format_keys(missing)}",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    return KeyReport(kind, cfg, adv, tuple(unexpected), tuple(missing))
+
+
+def check_state_dict(
+    state, cfg: CellSAMConfig | None = None, strict: bool = False, source: str = "<state dict>"
+) -> KeyReport:
+    """The key check of ``load_state_dict`` without building the model's weights: raises
+    CheckpointError (wrong shapes; missing keys of parts that run; with ``strict`` any
+    mismatch), warns ``CheckpointWarning`` for what it lets through, returns the report."""
+    state, kind, cfg = _prepare(state, cfg, source)
+    return _check(state, kind, cfg, strict, source)
+
+
+def load_state_dict(
+    state: dict[str, torch.Tensor],
+    cfg: CellSAMConfig | None = None,
+    strict: bool = False,
+    source: str = "<state dict>",
+    report: list | None = None,
+) -> tuple[CellSAM, str]:
+    """Build a CellSAM for ``state`` and load it. Returns (model, kind) with kind "cellsam" or "sam".
+
+    Keys are checked as the module doc says (``strict``: refuse any mismatch); ``report``, a
+    list, receives the ``KeyReport``.
+    """
+    state, kind, cfg = _prepare(state, cfg, source)
+    rep = _check(state, kind, cfg, strict, source)
+    if report is not None:
+        report.append(rep)
+    model = CellSAM(cfg, with_model_cp=rep.adv_mode, with_cellfinder=(kind == "cellsam"))
+    own = model.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model.eval(), kind
 
 
-def load_checkpoint(
-    path: str | os.PathLike, cfg: CellSAMConfig | None = None, strict: bool = True, compute_sha: bool = False
-) -> LoadedCheckpoint:
-    """Load a CellSAM or SAM checkpoint file safely (weights_only) and report its mode."""
-    path = Path(path)
+def _read(path: Path, mmap: bool = False):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # pickle with code, truncated file, not a torch file
+        if mmap and "mmap" in str(e):  # a legacy (non-zip) torch file cannot be memory-mapped
+            return _read(path)
         raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint: {e}") from e
-    model, kind = load_state_dict(obj, cfg=cfg, strict=strict, source=str(path))
+
+
+def check_checkpoint(path: str | os.PathLike, cfg: CellSAMConfig | None = None, strict: bool = False) -> KeyReport:
+    """``check_state_dict`` on a checkpoint file, memory-mapped (the tensors are not read)."""
+    path = Path(path)
+    return check_state_dict(_read(path, mmap=True), cfg=cfg, strict=strict, source=str(path))
+
+
+def load_checkpoint(
+    path: str | os.PathLike, cfg: CellSAMConfig | None = None, strict: bool = False, compute_sha: bool = False
+) -> LoadedCheckpoint:
+    """Load a CellSAM or SAM checkpoint file safely (weights_only) and report its mode and keys
+    (checked as the module doc says; ``strict``: refuse any mismatch)."""
+    path = Path(path)
+    report: list[KeyReport] = []
+    model, kind = load_state_dict(_read(path), cfg=cfg, strict=strict, source=str(path), report=report)
     return LoadedCheckpoint(
         model=model,
         path=str(path),
         kind=kind,
         adv_mode=model.adv_mode and kind == "cellsam",
         sha256=sha256_file(path) if compute_sha else None,
+        unexpected=report[0].unexpected,
+        unused_missing=report[0].unused_missing,
     )

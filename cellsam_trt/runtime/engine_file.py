@@ -17,8 +17,9 @@ Header keys written by ``cellsam_trt.export.tensorrt_build``:
 
 * ``model``: graph name (``specs.MODEL_NAMES``); ``spec``: the ``ModelSpec`` dict;
 * ``tensorrt_version``: e.g. "10.3.0"; ``gpu``: {"name", "compute_capability": "9.0"};
-* ``precision``, ``profiles`` ({input: {"min", "opt", "max"}}), ``fp32_layers`` (the patterns
-  kept in FP32), ``onnx_sha256``, ``export`` (adv_mode, has_detector of the ONNX export),
+* ``precision``, ``graph_precision``, ``strongly_typed``, ``profiles`` ({input: {"min",
+  "opt", "max"}}), ``annotation`` (the manifest's record of the precision-annotated graph),
+  ``onnx_file``, ``onnx_sha256``, ``export`` (adv_mode, has_detector of the ONNX export),
   ``engine_sha256``, ``engine_bytes``, ``build_command`` (argv that rebuilds it), ``created``.
 
 Nothing here needs TensorRT: ``check_compatible`` compares a header with the facts of the
