@@ -138,7 +138,7 @@ def test_tiled_mode_returns_labels_at_the_input_size(model):
 
 def test_auto_scale_in_range_is_the_default_run(model):
     img, boxes = cells_image(seed=6)  # discs of 12-28 px in 200 x 240: ~50-115 model px under the squash
-    auto = model.segment(img, boxes=boxes, scale="auto")
+    auto = model.segment(img, boxes=boxes, scale="auto", scale_estimator="log")
     assert auto.details.scale.mode == "squash", auto.details.scale
     np.testing.assert_array_equal(auto.labels, model.segment(img, boxes=boxes).labels)
 
