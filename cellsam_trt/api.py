@@ -193,11 +193,8 @@ def resolve(
             raise LoadError(f"ONNX Runtime runs fp32 or int8 exports, not {prec} (fp16 / bf16: backend torch or trt)")
         if kind == "checkpoint" and prec == "int8":
             raise LoadError(f"{path}: int8 needs an export made with `cellsam-trt export --int8`")
-        if kind == "checkpoint" and not (_has("torch") and _has("onnx")):
-            raise LoadError(
-                f"{path}: exporting a checkpoint for ONNX Runtime needs torch and onnx: "
-                "pip install 'cellsam-trt[export]' (or run an export directory)"
-            )
+        if kind == "checkpoint":
+            _require_exporter(path, "ONNX Runtime")
     if backend == "openvino":
         if not _has("openvino"):
             raise LoadError("backend openvino needs OpenVINO: pip install 'cellsam-trt[openvino]'")
@@ -206,11 +203,8 @@ def resolve(
             raise LoadError(problem)
         if kind == "checkpoint" and prec == "int8":
             raise LoadError(f"{path}: OpenVINO int8 needs an export quantized with `cellsam-trt quantize`")
-        if kind == "checkpoint" and not (_has("torch") and _has("onnx")):
-            raise LoadError(
-                f"{path}: exporting a checkpoint for OpenVINO needs torch and onnx: "
-                "pip install 'cellsam-trt[export]' (or run an export directory)"
-            )
+        if kind == "checkpoint":
+            _require_exporter(path, "OpenVINO")
     if backend == "torch":
         if not _has("torch"):
             raise LoadError("backend torch needs PyTorch: pip install 'cellsam-trt[torch]'")
@@ -218,6 +212,15 @@ def resolve(
             raise LoadError("the torch backend runs fp32, fp16 or bf16; int8: backend ort (export --int8) or trt")
     scheduler = "gpu" if dev.startswith("cuda") and _has("torch") else "cpu"
     return Choice(kind, path, backend, dev, prec, scheduler, reason)
+
+
+def _require_exporter(path: Path, runtime: str) -> None:
+    """LoadError unless torch and onnx are installed: a checkpoint is exported for ``runtime``."""
+    if not (_has("torch") and _has("onnx")):
+        raise LoadError(
+            f"{path}: exporting a checkpoint for {runtime} needs torch and onnx: "
+            "pip install 'cellsam-trt[export]' (or run an export directory)"
+        )
 
 
 def _openvino_precision_problem(precision: str) -> str | None:
