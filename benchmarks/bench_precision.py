@@ -13,7 +13,13 @@ missing (``export.precision.annotate_export``; int8 calibrated on ``--calib-imag
   annotated encoder and decoder against FP32, as matched-instance IoU
   (``cellsam_trt.metrics.match_instances``);
 * where ONNX Runtime's CPU provider cannot run a graph (no kernel for a type), the record says
-  so with ONNX Runtime's message, and nothing is measured for it.
+  so with ONNX Runtime's message, and nothing is measured for it;
+* BF16 (ONNX Runtime's CPU provider has no BF16 arithmetic kernels): ``bf16_emulated`` runs a
+  copy of the BF16 graph (``emulate_bf16``) in which every BF16 tensor is an FP32 tensor
+  holding BF16-rounded values (each op computes in FP32, its output is rounded to BF16 by a
+  Cast pair, round to nearest even), which is how BF16 GPU kernels store their results (FP32
+  accumulation inside a kernel; fused kernels round less often). It is an emulation of the
+  graph's BF16 storage, recorded under its own name, not a run of the BF16 graph.
 
 JSON with machine info and the FP32 reference measured in the same run.
 """
@@ -49,6 +55,56 @@ def machine() -> dict:
     }
 
 
+def emulate_bf16(src: Path, dst: Path) -> dict:
+    """Write ``dst``: the graph ``src`` with BF16 storage emulated in FP32 (see the module text).
+
+    BF16 initializers / Constant values become FP32 (exact), ``Cast(to=BFLOAT16)`` becomes
+    ``Cast(to=FLOAT)``, and every node output that ONNX shape inference types BF16 is followed
+    by ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)``. Returns counts of what was changed; a BF16 graph
+    input / output, or a node output left untyped by inference, is counted, not guessed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bf, f32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src)))
+    g = model.graph
+    typed = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    typed.update({t.name: t.data_type for t in g.initializer})
+    counts = {"initializers": 0, "casts": 0, "rounded_outputs": 0, "untyped_outputs": 0, "bf16_graph_io": 0}
+    counts["bf16_graph_io"] = sum(typed.get(v.name) == bf for v in list(g.input) + list(g.output))
+    for i, t in enumerate(g.initializer):
+        if t.data_type == bf:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+            counts["initializers"] += 1
+    nodes = []
+    for node in g.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ValueError(f"{src}: node {node.name} has a subgraph; emulate_bf16 handles flat graphs only")
+        for a in node.attribute:
+            if node.op_type == "Cast" and a.name == "to" and a.i == bf:
+                a.i = f32
+                counts["casts"] += 1
+            elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+                counts["initializers"] += 1
+        nodes.append(node)
+        for j, out in enumerate(node.output):
+            if not out:
+                continue
+            if out not in typed:
+                counts["untyped_outputs"] += 1
+            elif typed[out] == bf:
+                node.output[j] = f"{out}__fp32"
+                nodes.append(helper.make_node("Cast", [f"{out}__fp32"], [f"{out}__bf16"], to=bf))
+                nodes.append(helper.make_node("Cast", [f"{out}__bf16"], [out], to=f32))
+                counts["rounded_outputs"] += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]  # ONNX Runtime infers the (now FP32) intermediate types
+    onnx.save(model, str(dst))
+    return counts
+
+
 def session(path, threads):
     import onnxruntime as ort
 
@@ -79,6 +135,52 @@ def segment(be, image, boxes):
     return pipeline.segment(be, image, pipeline.Prompts(boxes=np.asarray(boxes, np.float32)), return_embedding=True)
 
 
+def measure(work, manifest, files, p, ref, images, threads):
+    """Tensors (each graph in ``files`` against its FP32 graph on every image's feeds) and masks
+    (the box-prompt pipeline with the annotated encoder and decoder, matched-instance IoU
+    against FP32 per image); masks are not measured where the encoder / decoder cannot run."""
+    from cellsam_trt.export import precision as P
+    from cellsam_trt.metrics import match_instances
+    from cellsam_trt.runtime import specs as S
+
+    tensors = {}
+    for g, f in files.items():
+        per = []
+        for n, r in ref.items():
+            c = P.compare_graphs(work / manifest["models"][g]["file"], work / f, r["feeds"][g], g, p, threads)
+            per.append(
+                {
+                    "image": n,
+                    "runs": c.runs,
+                    "error": c.error,
+                    "max_abs_diff": c.max_abs_diff,
+                    "max_abs_ref": c.max_abs_ref,
+                }
+            )
+            if not c.runs:
+                break
+        tensors[g] = per
+    if all(tensors[g][0]["runs"] for g in (S.ENCODER, S.DECODER) if g in tensors):
+        be = backend(work, {g: f for g, f in files.items() if g in (S.ENCODER, S.DECODER)}, threads)
+        masks = {}
+        for n, (img, boxes) in images.items():
+            t = time.time()
+            m = match_instances(ref[n]["labels"], segment(be, img, boxes).labels)
+            masks[n] = {
+                "seconds": time.time() - t,
+                "fp32_seconds": ref[n]["seconds"],
+                "n_fp32": m.n_reference,
+                "n_test": m.n_test,
+                "mean_iou": m.mean_iou,
+                "frac_matched_50": m.frac_matched_50,
+                "pixel_agreement": m.pixel_agreement,
+            }
+            print(f"{p} {n}: {masks[n]}", file=sys.stderr)
+        be.close()
+        return tensors, masks
+    return tensors, "not measured: ONNX Runtime's CPU provider cannot run the annotated encoder / decoder"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--export", required=True, help="export directory (annotated graphs are added to a copy)")
@@ -93,7 +195,6 @@ def main(argv=None) -> int:
 
     from cellsam_trt.export import precision as P
     from cellsam_trt.io import read_image
-    from cellsam_trt.metrics import match_instances
     from cellsam_trt.runtime import specs as S
     from cellsam_trt.runtime.manifest import read_manifest
 
@@ -166,6 +267,7 @@ def main(argv=None) -> int:
         except P.PrecisionError as e:
             rec["error"] = str(e)
             record["precisions"][p] = rec
+            write(record, args.out, time.time() - t0)
             print(f"{p}: {e}", file=sys.stderr)
             continue
         manifest = read_manifest(work)
@@ -176,50 +278,29 @@ def main(argv=None) -> int:
                 files[g] = manifest["models"][g]["annotated"][gp]["file"]
         rec["files"] = files
         rec["annotation"] = {g: manifest["models"][g]["annotated"] for g in files}
-        tensors = {}
-        for g, f in files.items():
-            per = []
-            for n, r in ref.items():
-                c = P.compare_graphs(work / manifest["models"][g]["file"], work / f, r["feeds"][g], g, p, args.threads)
-                per.append(
-                    {
-                        "image": n,
-                        "runs": c.runs,
-                        "error": c.error,
-                        "max_abs_diff": c.max_abs_diff,
-                        "max_abs_ref": c.max_abs_ref,
-                    }
-                )
-                if not c.runs:
-                    break
-            tensors[g] = per
-        rec["tensors"] = tensors
-        if all(tensors[g][0]["runs"] for g in (S.ENCODER, S.DECODER) if g in tensors):
-            be = backend(work, {g: f for g, f in files.items() if g in (S.ENCODER, S.DECODER)}, args.threads)
-            masks = {}
-            for n, (img, boxes) in images.items():
-                t = time.time()
-                m = match_instances(ref[n]["labels"], segment(be, img, boxes).labels)
-                masks[n] = {
-                    "seconds": time.time() - t,
-                    "fp32_seconds": ref[n]["seconds"],
-                    "n_fp32": m.n_reference,
-                    "n_test": m.n_test,
-                    "mean_iou": m.mean_iou,
-                    "frac_matched_50": m.frac_matched_50,
-                    "pixel_agreement": m.pixel_agreement,
-                }
-                print(f"{p} {n}: {masks[n]}", file=sys.stderr)
-            be.close()
-            rec["masks"] = masks
-        else:
-            rec["masks"] = "not measured: ONNX Runtime's CPU provider cannot run the annotated encoder / decoder"
+        rec["tensors"], rec["masks"] = measure(work, manifest, files, p, ref, images, args.threads)
+        if p == "bf16" and not all(t[0]["runs"] for t in rec["tensors"].values()):
+            em_files, em = {}, {"emulation": {}}
+            for g, f in files.items():
+                em_files[g] = f.replace(".onnx", ".emulated.onnx")
+                em["emulation"][g] = emulate_bf16(work / f, work / em_files[g])
+            em["files"] = em_files
+            em["what"] = "the BF16 graphs' storage emulated in FP32 (emulate_bf16), not a BF16 run"
+            em["tensors"], em["masks"] = measure(work, manifest, em_files, "bf16_emulated", ref, images, args.threads)
+            record["precisions"]["bf16_emulated"] = em
         record["precisions"][p] = rec
-    record["seconds"] = time.time() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+        write(record, args.out, time.time() - t0)  # after each precision: a later failure keeps it
+    write(record, args.out, time.time() - t0)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def write(record: dict, out: str, seconds: float) -> None:
+    record["seconds"] = seconds
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@
 ``CellSAM.load`` picks the backend and the scheduler (``resolve``): an engine directory runs on
 TensorRT; a checkpoint on a CUDA device (torch installed) on the torch backend with the GPU
 scheduler; otherwise the CPU default: OpenVINO where it is installed, else ONNX Runtime (a
-checkpoint is exported once and cached).
+checkpoint is exported once and cached). ``backend="ort", device="cuda"`` runs FP32 on ONNX
+Runtime's CUDA provider, and fp16 / bf16 / int8 as the export's precision-annotated graphs on its
+TensorRT provider.
 A request that cannot be met raises ``LoadError`` with one line that says why; nothing falls
 back silently to another backend, device or precision. The choice and its reason are logged
 (logger ``cellsam_trt``) and kept in ``CellSAM.description``.
@@ -189,10 +191,20 @@ def resolve(
     if backend == "ort":
         if not _has("onnxruntime"):
             raise LoadError("backend ort needs ONNX Runtime: pip install 'cellsam-trt[ort]'")
-        if prec not in ("fp32", "int8"):
-            raise LoadError(f"ONNX Runtime runs fp32 or int8 exports, not {prec} (fp16 / bf16: backend torch or trt)")
+        if prec not in ("fp32", "int8") and not dev.startswith("cuda"):
+            raise LoadError(
+                f"ONNX Runtime on the CPU runs fp32 or int8 exports, not {prec} (fp16 / bf16: on a CUDA "
+                "device through ONNX Runtime's TensorRT provider, or backend torch / trt)"
+            )
         if kind == "checkpoint" and prec == "int8":
             raise LoadError(f"{path}: int8 needs an export made with `cellsam-trt export --int8`")
+        if kind == "checkpoint" and prec != "fp32":
+            raise LoadError(
+                f"{path}: {prec} on ONNX Runtime's TensorRT provider runs an export's precision-annotated "
+                f"graphs: cellsam-trt export --checkpoint {path} --out EXPORT --precision {prec}"
+            )
+        if dev.startswith("cuda") and prec != "fp32":
+            reason += f"; {prec} through ONNX Runtime's TensorRT provider (the export's annotated graphs)"
         if kind == "checkpoint":
             _require_exporter(path, "ONNX Runtime")
     if backend == "openvino":
@@ -302,7 +314,9 @@ def build_backend(
                 from .export.cache import export_on_the_fly
 
                 model_dir = export_on_the_fly(choice.path, export_cache, threads, log=log.info)
-            providers = ["cpu"] if choice.device == "cpu" else ["cuda"]
+            # on a GPU: fp32 on the CUDA provider; fp16 / bf16 / int8 are the export's annotated
+            # graphs, which run strongly typed on the TensorRT provider (refused where it is absent)
+            providers = ["cpu"] if choice.device == "cpu" else ["cuda"] if choice.precision == "fp32" else ["trt"]
             device_id = int(choice.device.split(":")[1]) if choice.device.startswith("cuda") else 0
             return OrtBackend(
                 model_dir,

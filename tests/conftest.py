@@ -51,6 +51,20 @@ def pytest_terminal_summary(terminalreporter):
             )
 
 
+def pytest_collection_modifyitems(config, items):
+    """In test_ort_golden, every ONNX Runtime item before every OpenVINO one (stable), so that
+    one engine's full-size backends are alive at a time (``test_ort_golden._backend``)."""
+    pos = [i for i, it in enumerate(items) if it.nodeid.startswith("tests/test_ort_golden.py::")]
+    mine = [items[i] for i in pos]
+
+    def engine(item) -> str:
+        cs = getattr(item, "callspec", None)
+        return cs.params.get("engine", "ort") if cs is not None else "ort"
+
+    for i, it in zip(pos, sorted(mine, key=lambda it: engine(it) != "ort")):
+        items[i] = it
+
+
 @pytest.fixture(scope="session")
 def reference() -> Path:
     if not (REFERENCE / "golden").is_dir():

@@ -211,7 +211,7 @@ def test_resolve_rules(tiny_export, tmp_path):
         (dict(backend="tflite"), "backend must be one of"),
         (dict(precision="fp8"), "precision must be one of"),
         (dict(backend="trt"), "backend trt needs an engine directory"),
-        (dict(backend="ort", precision="bf16"), "ONNX Runtime runs fp32 or int8"),
+        (dict(backend="ort", precision="bf16"), "ONNX Runtime on the CPU runs fp32 or int8"),
         (dict(device="gpu"), "device must be"),
     ]:
         with pytest.raises(LoadError, match=message):
@@ -220,6 +220,21 @@ def test_resolve_rules(tiny_export, tmp_path):
         api.resolve(tmp_path / "nothing")
     with pytest.raises(LoadError, match="neither an export directory"):
         api.resolve(tmp_path)
+
+
+def test_ort_reduced_precision_on_a_gpu_is_the_tensorrt_provider(tiny_export, tmp_path):
+    """backend ort on a CUDA device: fp16 / bf16 / int8 are the export's annotated graphs on
+    ONNX Runtime's TensorRT provider; this CPU onnxruntime has none, and the load says so."""
+    c = api.resolve(tiny_export, backend="ort", device="cuda", precision="fp16")
+    assert (c.backend, c.device, c.precision) == ("ort", "cuda:0", "fp16") and "TensorRT provider" in c.reason
+    c = api.resolve(tiny_export, backend="ort", device="cuda")
+    assert (c.backend, c.precision) == ("ort", "fp32") and "TensorRT" not in c.reason
+    ck = tmp_path / "model.pt"
+    ck.write_bytes(b"x")
+    with pytest.raises(LoadError, match="--precision bf16"):
+        api.resolve(ck, backend="ort", device="cuda", precision="bf16")
+    with pytest.raises(LoadError, match="TensorrtExecutionProvider|TensorRT"):
+        CellSAM.load(tiny_export, backend="ort", device="cuda", precision="fp16")
 
 
 def test_cuda_requests_without_cuda_are_refused(tiny_export, tmp_path, monkeypatch):

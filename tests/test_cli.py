@@ -286,7 +286,7 @@ def test_a_run_without_a_model_says_how_to_name_one(images, tmp_path, capsys, mo
     "flags, message",
     [
         (["--device", "cuda"], "no CUDA device"),
-        (["--backend", "ort", "--precision", "fp16"], "ONNX Runtime runs fp32 or int8"),
+        (["--backend", "ort", "--precision", "fp16"], "ONNX Runtime on the CPU runs fp32 or int8"),
         (["--backend", "torch", "--precision", "int8"], "torch backend runs fp32, fp16 or bf16"),
         (["--device", "tpu"], "device must be"),
     ],

@@ -135,3 +135,60 @@ def test_export_cli_annotates_an_existing_export(fp16_export, tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # refused before any export
     assert main(["export", "--annotate-only", "--out", str(tmp_path), "--precision", "fp16"]) == 2
     assert "cellsam-trt export:" in capsys.readouterr().err
+
+
+def test_bf16_emulation_rounds_every_bf16_tensor(tmp_path):
+    """``benchmarks/bench_precision.py``'s BF16 emulation (ONNX Runtime's CPU provider runs no
+    BF16 arithmetic): a graph as AutoCast writes it (Cast to BF16, ops in BF16 with a BF16
+    weight, Cast back) gives, emulated, exactly the BF16 arithmetic of ml_dtypes (each op's FP32
+    result rounded to nearest even), and the unemulated graph is refused by ONNX Runtime."""
+    import importlib.util
+
+    import ml_dtypes
+    import onnxruntime as ort
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_precision", ROOT / "benchmarks" / "bench_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bf16 = ml_dtypes.bfloat16
+    w = np.random.default_rng(0).normal(size=(64,)).astype(bf16)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xb"], to=T.BFLOAT16),
+        helper.make_node("Mul", ["xb", "w"], ["m"]),
+        helper.make_node("Add", ["m", "xb"], ["a"]),
+        helper.make_node("Cast", ["a"], ["y"], to=T.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", T.FLOAT, [64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, tmp_path / "bf16.onnx")
+    counts = bench.emulate_bf16(tmp_path / "bf16.onnx", tmp_path / "em.onnx")
+    assert counts == {
+        "initializers": 1,
+        "casts": 1,
+        "rounded_outputs": 3,
+        "untyped_outputs": 0,
+        "bf16_graph_io": 0,
+    }
+    x = np.random.default_rng(1).normal(size=64).astype(np.float32)
+    got = ort.InferenceSession(str(tmp_path / "em.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    def rnd(v):
+        return v.astype(bf16).astype(np.float32)
+
+    xb = rnd(x)
+    want = rnd(rnd(xb * w.astype(np.float32)) + xb)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, (x * w.astype(np.float32)) + x)  # the rounding is there
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
+        ort.InferenceSession(str(tmp_path / "bf16.onnx"), providers=["CPUExecutionProvider"])

@@ -375,6 +375,39 @@ def int8_targets(model: onnx.ModelProto, name: str) -> list[str]:
     ]
 
 
+def calibrate_inputs(src: Path, tensors: set[str], reader, method: str, cache: Path, work: Path) -> None:
+    """Activation ranges of ``tensors`` (the INT8 targets' inputs) by ONNX Runtime's calibrator
+    for ``method``, written to ``cache`` (ONNX Runtime's calibration cache, which
+    ``quantize_static`` reads instead of calibrating).
+
+    ONNX Runtime's own calibration in ``quantize_static`` reduces every input and output of
+    every MatMul / Conv, the (12, 4096, 4096) attention scores of the global blocks included,
+    with reduce nodes appended after the whole graph, so every one of those tensors stays
+    alive to the end of a run: over 20 GB for one full-size image (killed by the OOM killer on a
+    24 GB machine). Here the calibrator reduces only the tensors that get a Q/DQ pair; its
+    settings are ``create_calibrator``'s defaults.
+    """
+    from onnxruntime.quantization import calibrate as C
+
+    base, kwargs = {
+        "minmax": (C.MinMaxCalibrater, {}),
+        "entropy": (C.EntropyCalibrater, {"num_bins": 128, "num_quantized_bins": 128}),
+        "percentile": (C.PercentileCalibrater, {"num_bins": 2048, "percentile": 99.999, "symmetric": True}),
+    }[method]
+
+    class TargetInputs(base):
+        def select_tensors_to_calibrate(self, model):
+            found, value_infos = super().select_tensors_to_calibrate(model)
+            return {t for t in found if t in tensors}, value_infos
+
+    calibrator = TargetInputs(str(src), list(INT8_OPS), str(work / "augmented.onnx"), **kwargs)
+    calibrator.augment_graph()
+    calibrator.create_inference_session()
+    calibrator.collect_data(reader)
+    C.save_tensors_data(calibrator.compute_data(), cache)
+    del calibrator
+
+
 def to_int8_qdq(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -403,11 +436,21 @@ def to_int8_qdq(
         raise PrecisionError(f"{src}: no MatMul / Conv with a weight in the INT8 scope {INT8_SCOPE[name]!r}")
     meta = {p.key: p.value for p in fp32.metadata_props}
     input_name = fp32.graph.input[0].name
+    weights = {t.name for t in fp32.graph.initializer}
+    wanted = {i for n in fp32.graph.node if n.name in set(targets) for i in n.input if i and i not in weights}
     del fp32
     reader = calibration_reader(batches, input_name)
     cached = cache is not None and Path(cache).is_file()
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "q.onnx"
+        if not cached:  # ranges of the targets' inputs only, into the cache quantize_static reads
+            cache = Path(cache) if cache is not None else Path(tmp) / "ranges.calib"
+            try:
+                calibrate_inputs(src, wanted, reader, method, cache, Path(tmp))
+            except ValueError as e:  # ONNX Runtime's "No data is collected."
+                if reader.served == 0:
+                    raise PrecisionError(f"{name}: no calibration image could be read") from e
+                raise
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)  # its "consider pre-processing" advice, printed every time
         try:
