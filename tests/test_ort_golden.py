@@ -30,9 +30,9 @@ _RUNS: dict = {}
 
 
 def _backend(full_exports, variant: str, precision: str = "fp32", engine: str = "ort"):
-    """The cached backend; the other engine's full-size backends are closed first (each holds
-    ~2 GB per variant: both engines' at once took the suite past 19 GB). The items run ONNX
-    Runtime's first, then OpenVINO's (conftest.pytest_collection_modifyitems)."""
+    """The cached backend; the other engine's full-size backends are closed first, so that one
+    engine's full-size graphs are in memory at a time. The items run ONNX Runtime's first, then
+    OpenVINO's (conftest.pytest_collection_modifyitems)."""
     key = (variant, precision, engine)
     if key not in _BACKENDS:
         for other in [k for k in _BACKENDS if k[2] != engine]:

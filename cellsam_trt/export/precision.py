@@ -383,9 +383,9 @@ def calibrate_inputs(src: Path, tensors: set[str], reader, method: str, cache: P
     ONNX Runtime's own calibration in ``quantize_static`` reduces every input and output of
     every MatMul / Conv, the (12, 4096, 4096) attention scores of the global blocks included,
     with reduce nodes appended after the whole graph, so every one of those tensors stays
-    alive to the end of a run: over 20 GB for one full-size image (killed by the OOM killer on a
-    24 GB machine). Here the calibrator reduces only the tensors that get a Q/DQ pair; its
-    settings are ``create_calibrator``'s defaults.
+    alive to the end of a run (the README's INT8 notes give the memory this takes). Here the
+    calibrator reduces only the tensors that get a Q/DQ pair; its settings are
+    ``create_calibrator``'s defaults.
     """
     from onnxruntime.quantization import calibrate as C
 
@@ -437,7 +437,8 @@ def to_int8_qdq(
     meta = {p.key: p.value for p in fp32.metadata_props}
     input_name = fp32.graph.input[0].name
     weights = {t.name for t in fp32.graph.initializer}
-    wanted = {i for n in fp32.graph.node if n.name in set(targets) for i in n.input if i and i not in weights}
+    target_set = set(targets)
+    wanted = {i for n in fp32.graph.node if n.name in target_set for i in n.input if i and i not in weights}
     del fp32
     reader = calibration_reader(batches, input_name)
     cached = cache is not None and Path(cache).is_file()
