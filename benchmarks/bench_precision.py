@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="where the copy with the annotated graphs goes (default: <export>-precision)")
     ap.add_argument("--calib-images", help="folder of calibration images for int8 (default: the sample images)")
     ap.add_argument("--precisions", default="fp16,bf16,int8")
+    ap.add_argument("--calib-method", default="minmax", help="int8: minmax, percentile or entropy")
     ap.add_argument("--images", default=",".join(IMAGES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=16)
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
         "export": str(Path(args.export).resolve()),
         "sam_embed_dim": manifest.get("config", {}).get("sam", {}).get("embed_dim"),
         "threads": args.threads,
+        "calib_method": args.calib_method,
         "fp32": {
             n: {"boxes": len(images[n][1]), "cells": int(r["labels"].max()), "seconds": r["seconds"]}
             for n, r in ref.items()
@@ -261,7 +263,11 @@ def main(argv=None) -> int:
         try:
             t = time.time()
             P.annotate_export(
-                work, p, calib_images=calib if p == "int8" else None, log=lambda m: print(m, file=sys.stderr)
+                work,
+                p,
+                calib_images=calib if p == "int8" else None,
+                calib_method=args.calib_method,
+                log=lambda m: print(m, file=sys.stderr),
             )
             rec["annotate_seconds"] = time.time() - t
         except P.PrecisionError as e:
