@@ -39,7 +39,6 @@ the mask agreement.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
@@ -55,6 +54,7 @@ from .. import pipeline
 from .. import preprocess as pre
 from ..runtime import specs as S
 from .formats import IR_VERSION
+from .quantize import quiet_logs
 
 PRECISIONS = ("fp16", "bf16", "int8", "fp8")
 FILE_TAG = {"fp16": "fp16", "bf16": "bf16", "int8": "int8qdq"}  # <graph>.<tag>.onnx
@@ -250,9 +250,7 @@ def to_bf16(src: str | os.PathLike, islands: Sequence[str]) -> onnx.ModelProto:
     opset = next(
         o.version for o in onnx.load(str(src), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")
     )
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)  # AutoCast logs every node it classifies
-    try:
+    with quiet_logs():  # AutoCast logs every node it classifies
         out = convert_to_mixed_precision(
             onnx_path=str(src),
             low_precision_type="bf16",
@@ -263,8 +261,6 @@ def to_bf16(src: str | os.PathLike, islands: Sequence[str]) -> onnx.ModelProto:
             keep_io_types=True,
             opset=opset,
         )
-    finally:
-        logging.disable(previous)
     return _finish(
         out,
         {
@@ -452,9 +448,7 @@ def to_int8_qdq(
                 if reader.served == 0:
                     raise PrecisionError(f"{name}: no calibration image could be read") from e
                 raise
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # its "consider pre-processing" advice, printed every time
-        try:
+        with quiet_logs():  # its "consider pre-processing" advice, printed every time
             quantize_static(
                 src,
                 raw,
@@ -478,12 +472,8 @@ def to_int8_qdq(
                     "QuantizeBias": False,
                     "OpTypesToExcludeOutputQuantization": list(INT8_OPS),
                 },
-                calibration_cache_path=str(cache) if cache is not None else None,
+                calibration_cache_path=str(cache),
             )
-        finally:
-            logging.disable(previous)
-        if reader.served == 0 and not cached:
-            raise PrecisionError(f"{name}: no calibration image could be read")
         model = onnx.load(str(raw))
     meta.update(
         {

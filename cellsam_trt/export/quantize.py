@@ -16,6 +16,7 @@ format, not a TensorRT one (TensorRT wants explicit Q/DQ): ``trt_compat`` reject
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -28,6 +29,18 @@ from .formats import IR_VERSION
 
 SCOPES = ("mlp", "all")
 _MLP = re.compile(r"/mlp/lin[12]/")
+
+
+@contextlib.contextmanager
+def quiet_logs(level: int = logging.WARNING):
+    """Python logging at ``level`` and below off for the block (the ONNX quantization and
+    conversion libraries log advice or every node they touch), the previous setting restored."""
+    previous = logging.root.manager.disable
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:
@@ -57,9 +70,7 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = "
     del fp32
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "q.onnx"
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # its "consider pre-processing" advice, printed every time
-        try:
+        with quiet_logs():  # its "consider pre-processing" advice, printed every time
             quantize_dynamic(
                 src,
                 raw,
@@ -68,8 +79,6 @@ def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike, scope: str = "
                 per_channel=True,
                 weight_type=QuantType.QInt8,
             )
-        finally:
-            logging.disable(previous)
         model = onnx.load(str(raw))
     model.ir_version = min(model.ir_version, IR_VERSION)
     meta.update(
