@@ -546,8 +546,9 @@ class EngineSpec:
     export_cache: str | None = None
     strict: bool = False
 
-    def build(self) -> tuple[CellSAM, dict]:
-        """-> (model, its description for run summaries)."""
+    def build(self, **scheduler_options) -> tuple[CellSAM, dict]:
+        """-> (model, its description for run summaries); scheduler_options go to
+        ``CellSAM.load``."""
         m = CellSAM.load(
             self.model,
             self.backend,
@@ -557,6 +558,7 @@ class EngineSpec:
             settings=self.settings,
             export_cache=self.export_cache,
             strict=self.strict,
+            **scheduler_options,
         )
         return m, dict(m.description)
 

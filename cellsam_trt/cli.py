@@ -29,7 +29,7 @@ import numpy as np
 
 from . import io as cio
 from . import outputs, weights
-from .api import CellSAM, EngineSpec, LoadError
+from .api import EngineSpec, LoadError
 from .export.cli import add_export_parser
 from .export.openvino_int8 import add_quantize_parser
 from .export.trt_cli import add_build_parser
@@ -146,24 +146,13 @@ def _build_engine(spec: EngineSpec, **scheduler_options):
     logging.getLogger("cellsam_trt").setLevel(logging.INFO)
     try:
         with warnings.catch_warnings(record=True) as caught:  # e.g. a checkpoint's unexpected keys
-            model = CellSAM.load(
-                spec.model,
-                spec.backend,
-                spec.device,
-                spec.precision,
-                spec.threads,
-                settings=spec.settings,
-                export_cache=spec.export_cache,
-                strict=spec.strict,
-                **scheduler_options,
-            )
+            model, info = spec.build(**scheduler_options)
     except LoadError as e:
         raise SystemExit(f"cellsam-trt: {e}") from None
     finally:
         said = list(dict.fromkeys(str(w.message) for w in caught))  # a key check and an export both warn
         for message in said:
             print(f"cellsam-trt: warning: {message}", file=sys.stderr)
-    info = dict(model.description)
     if said:
         info["load_warnings"] = said
     return model, info
