@@ -188,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-images", help="folder of calibration images for int8 (default: the sample images)")
     ap.add_argument("--precisions", default="fp16,bf16,int8")
     ap.add_argument("--calib-method", default="minmax", help="int8: minmax, percentile or entropy")
+    ap.add_argument(
+        "--int8-scope", default="mlp", help="int8: mlp (the ViT MLP MatMuls) or all (every trunk weight layer)"
+    )
     ap.add_argument("--images", default=",".join(IMAGES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=16)
@@ -252,6 +255,7 @@ def main(argv=None) -> int:
         "sam_embed_dim": manifest.get("config", {}).get("sam", {}).get("embed_dim"),
         "threads": args.threads,
         "calib_method": args.calib_method,
+        "int8_scope": args.int8_scope,
         "fp32": {
             n: {"boxes": len(images[n][1]), "cells": int(r["labels"].max()), "seconds": r["seconds"]}
             for n, r in ref.items()
@@ -267,6 +271,7 @@ def main(argv=None) -> int:
                 p,
                 calib_images=calib if p == "int8" else None,
                 calib_method=args.calib_method,
+                int8_scope=args.int8_scope,
                 log=lambda m: print(m, file=sys.stderr),
             )
             rec["annotate_seconds"] = time.time() - t

@@ -28,6 +28,13 @@ SUBSET = 48
 _RUNS: dict[tuple, tuple] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_at_module_end():
+    """The cached eager runs are dropped when this module ends."""
+    yield
+    _RUNS.clear()
+
+
 def run_case(reference, full_models, case, n_prompts=None):
     """Run a golden case once per session (on its first ``n_prompts`` box prompts where given);
     returns (golden, result, backend)."""

@@ -194,6 +194,26 @@ def test_nncf_int8(export_copy, tmp_path):
     (lf, bf), (lq, bq) = fp.detect(xc), q.detect(xc)
     assert np.abs(lf - lq).max() <= 0.1 * np.abs(lf).max() and np.abs(bf - bq).max() <= 0.01
     np.testing.assert_array_equal(q.decode(ef, boxes=BOXES)[0], fp.decode(ef, boxes=BOXES)[0])
+    # scope "mlp" (default): only the MLP MatMuls read quantized activations; "all": NNCF's choice
+    assert index["image_encoder.int8"]["scope"] == "mlp" and index["image_encoder.int8"]["fp32_layers"] > 0
+    assert _int8_matmuls(export_copy) and all("/mlp/lin" in n for n in _int8_matmuls(export_copy))
+    argv = ["quantize", "--model", str(export_copy), "--calib-images", str(calib), "--scope", "all"]
+    assert main(argv) == 0
+    every = _int8_matmuls(export_copy)
+    assert any("/attn/qkv/" in n for n in every) and any(n.endswith("/attn/MatMul") for n in every)
+
+
+def _int8_matmuls(export_dir) -> list[str]:
+    """MatMuls of the INT8 encoder IR with a FakeQuantize input (an INT8 activation)."""
+    import openvino as ov_lib
+
+    model = ov_lib.Core().read_model(str(export_dir / "openvino" / "image_encoder.int8.xml"))
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "MatMul"
+        and any(op.input_value(i).get_node().get_type_name() == "FakeQuantize" for i in range(2))
+    ]
 
 
 def test_quantize_without_images_is_one_line(export_copy, tmp_path, capsys):

@@ -29,6 +29,16 @@ _BACKENDS: dict = {}
 _RUNS: dict = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_at_module_end():
+    """The cached runs and full-size backends are dropped when this module ends (the suite
+    shares one 24 GB machine); test_native's use of ``run_case`` comes before this module."""
+    yield
+    _RUNS.clear()
+    while _BACKENDS:
+        _BACKENDS.popitem()[1].close()
+
+
 def _backend(full_exports, variant: str, precision: str = "fp32", engine: str = "ort"):
     """The cached backend; the other engine's full-size backends are closed first, so that one
     engine's full-size graphs are in memory at a time. The items run ONNX Runtime's first, then

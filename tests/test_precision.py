@@ -85,16 +85,32 @@ def test_int8_qdq_graphs(fp16_export, tmp_path):  # noqa: F811
     skip = ("QuantizeLinear", "DequantizeLinear", "Shape")
     readers = {n.name for n in g.graph.node if n.op_type not in skip and dq & set(n.input)}
     targets = set(P.int8_targets(onnx.load(str(out / "image_encoder.onnx"), load_external_data=False), S.ENCODER))
-    assert readers and readers <= targets and len(targets) == rec["int8_nodes"]
-    assert all(r.startswith(("/encoder/blocks.", "/encoder/patch_embed/")) for r in readers)
+    assert readers and readers <= targets and len(targets) == rec["int8_nodes"] and rec["int8_scope"] == "mlp"
+    assert all(r.startswith("/encoder/blocks.") and "/mlp/lin" in r for r in readers)
     assert not P.trt_problems(out / rec["file"])  # TensorRT's Q/DQ: INT8 data / zero points, float bias
-    cache = P.calib_cache(out, manifest["models"][S.ENCODER], "minmax")  # reused next time: no image read
+    cache = P.calib_cache(out, manifest["models"][S.ENCODER], "minmax", "mlp")  # reused next time: no image read
     assert cache.is_file() and manifest["models"][S.ENCODER]["sha256"][:12] in cache.name
     _, n, served = P.to_int8_qdq(out / "image_encoder.onnx", tmp_path / "again.onnx", S.ENCODER, iter(()), cache=cache)
     assert served == 0 and n == rec["int8_nodes"]
     x = np.random.default_rng(1).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
     c = P.compare_graphs(out / "image_encoder.onnx", out / rec["file"], {"image": x}, S.ENCODER, "int8", threads=2)
     assert c.runs and 0 < c.max_abs_diff["image_embeddings"] < 0.25 * c.max_abs_ref["image_embeddings"]
+
+
+def test_int8_scopes_on_real_node_names(fp16_export):  # noqa: F811
+    for m, trunk in ((S.ENCODER, "/encoder/"), (S.CELLFINDER, "/backbone/")):
+        model = onnx.load(str(fp16_export / f"{m}.onnx"), load_external_data=False)
+        blocks = {n.name.split("/blocks.")[1].split("/")[0] for n in model.graph.node if "/blocks." in n.name}
+        mlp, every = P.int8_targets(model, m, "mlp"), P.int8_targets(model, m, "all")
+        assert len(mlp) == 2 * len(blocks) and set(mlp) < set(every)
+        assert all(trunk in n and n.endswith(("/mlp/lin1/MatMul", "/mlp/lin2/MatMul")) for n in mlp)
+        kinds = {n.rsplit("/", 2)[-2] for n in every}  # qkv, proj, lin1, lin2 and the patch embedding
+        assert {"qkv", "proj", "lin1", "lin2"} <= kinds and any(n.endswith("/patch_embed/proj/Conv") for n in every)
+        assert len(every) == 4 * len(blocks) + 1 and all(trunk in n for n in every)
+    with pytest.raises(P.PrecisionError, match="INT8 scope must be one of"):
+        P.int8_targets(model, S.CELLFINDER, "attention")
+    with pytest.raises(P.PrecisionError, match="has no INT8 form"):
+        P.int8_targets(model, S.DECODER)
 
 
 def test_refusals(fp16_export):  # noqa: F811
@@ -130,6 +146,16 @@ def test_export_cli_annotates_an_existing_export(fp16_export, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     rec = manifest["models"][S.DECODER]["annotated"]["fp16"]
     assert rec["source_sha256"] == manifest["models"][S.DECODER]["sha256"]
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "a.npy", _cells(2))
+    argv = ["export", "--annotate-only", "--out", str(out), "--precision", "int8", "--calib-images", str(calib)]
+    assert main(argv + ["--int8-scope", "all"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for m in (S.ENCODER, S.CELLFINDER):
+        rec = manifest["models"][m]["annotated"]["int8"]
+        model = onnx.load(str(out / f"{m}.onnx"), load_external_data=False)
+        assert rec["int8_scope"] == "all" and rec["int8_nodes"] == len(P.int8_targets(model, m, "all"))
     assert main(["export", "--out", str(tmp_path / "new"), "--precision", "fp8"]) == 2
     assert "fp8: this version writes no FP8 graph" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()  # refused before any export

@@ -25,7 +25,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         "--int8-scope",
         choices=("mlp", "all"),
         default="mlp",
-        help="MatMuls to quantize: the ViT MLPs (closer to FP32) or all weight MatMuls (faster)",
+        help="INT8 layers (--int8 and --precision int8): the ViT MLP MatMuls (closer to FP32) or all weight "
+        "MatMuls (faster)",
     )
     p.add_argument("--validate-batches", default="1,2", help="batch sizes the image graphs are checked at")
     p.add_argument("--validate-prompts", default="1,37", help="prompt counts the decoder is checked at")
@@ -75,6 +76,7 @@ def _annotate(args) -> int:
                 calib_images=args.calib_images,
                 calib_max_images=args.calib_max_images,
                 calib_method=args.calib_method,
+                int8_scope=args.int8_scope,
                 keep_fp32=tuple(args.keep_fp32),
                 fp32_attention=args.fp32_attention,
                 log=say,

@@ -2,16 +2,22 @@
 
 ``quantize_export(model_dir, calib_images)`` reads the export's ``image_encoder`` and
 ``cellfinder`` graphs (ONNX, through OpenVINO), runs ``nncf.quantize`` (transformer patterns,
-CPU target: INT8 weights and activations on the MatMuls / convolutions, statistics from the
-calibration images) and writes ``<export>/openvino/<graph>.int8.xml`` + ``.bin``, stamped in
-``openvino/ir.json`` with the sha256 of the ONNX they came from and the calibration images.
-``OvBackend(..., precision="int8")`` runs them; the decoder stays FP32.
+CPU target, statistics from the calibration images) on the layers of the scope and writes
+``<export>/openvino/<graph>.int8.xml`` + ``.bin``, stamped in ``openvino/ir.json`` with the
+sha256 of the ONNX they came from, the scope and the calibration images.
+``OvBackend(..., precision="int8")`` runs them; the decoder stays FP32. Scopes:
+
+* ``"mlp"`` (default): only the two MLP MatMuls of every ViT block get INT8 weights and
+  activations (every other MatMul / convolution is in NNCF's ignored scope), as the CPU INT8
+  of ONNX Runtime (``export.quantize``) and the Q/DQ graphs (``export.precision``);
+* ``"all"``: NNCF's own choice for transformers: every MatMul / convolution, the attention
+  score products (query x key) too.
 
 Calibration inputs are made by the pipeline's own ``prepare`` stage and ``cellsam_trt.preprocess``
 exactly as at run time (``export.tensorrt_build.calibration_batches``: the same inputs as the
 TensorRT INT8 calibration). Needs ``pip install "cellsam-trt[openvino]"`` (openvino, nncf).
 
-    cellsam-trt quantize --model cellsam-onnx/ --calib-images calib/ [--max-images 4]
+    cellsam-trt quantize --model cellsam-onnx/ --calib-images calib/ [--max-images 4] [--scope mlp|all]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +34,23 @@ from ..engine.openvino_backend import INT8_GRAPHS, IR_DIR, write_ir
 from ..runtime.manifest import ManifestError, read_manifest
 
 _BRANCH = {"image_encoder": "sam", "cellfinder": "cellfinder"}
+SCOPES = ("mlp", "all")
+_MLP = re.compile(r"/mlp/lin[12]/")
+_LAYERS = ("MatMul", "Convolution")
+
+
+def ignored_layers(model, scope: str) -> list[str]:
+    """Friendly names of the MatMul / Convolution ops of the OpenVINO ``model`` that NNCF must
+    leave in FP32 for ``scope`` (none for "all")."""
+    if scope not in SCOPES:
+        raise QuantizeError(f"INT8 scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "all":
+        return []
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() in _LAYERS and not _MLP.search(op.get_friendly_name())
+    ]
 
 
 class QuantizeError(ValueError):
@@ -39,9 +63,11 @@ def quantize_export(
     max_images: int = 4,
     graphs: tuple[str, ...] = INT8_GRAPHS,
     log: Callable[[str], None] | None = None,
+    scope: str = "mlp",
 ) -> dict[str, Path]:
     """Quantize ``graphs`` of the export in ``model_dir`` with the first ``max_images`` images
-    (sorted by name) of the folder ``calib_images``; -> {graph: the INT8 IR written}.
+    (sorted by name) of the folder ``calib_images``, the layers of ``scope`` ("mlp" or "all");
+    -> {graph: the INT8 IR written}.
 
     Raises QuantizeError (no images, no such graph, an export without ``adv_mode`` for
     CellFinder) and ManifestError (not an export directory).
@@ -51,6 +77,8 @@ def quantize_export(
     say = log or (lambda m: None)
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
+    if scope not in SCOPES:
+        raise QuantizeError(f"INT8 scope must be one of {SCOPES}, got {scope!r}")
     try:
         files = calibration_files(calib_images, max_images)
     except PlanError as e:
@@ -74,16 +102,20 @@ def quantize_export(
         say(f"quantize {graph}: NNCF on {len(inputs)} calibration image(s)")
         model = core.read_model(str(model_dir / entry["file"]))
         name = model.inputs[0].get_any_name()
+        ignored = ignored_layers(model, scope)
         quantized = nncf.quantize(
             model,
             nncf.Dataset(inputs, lambda x, name=name: {name: x}),
             model_type=nncf.ModelType.TRANSFORMER,
             target_device=nncf.TargetDevice.CPU,
             subset_size=len(inputs),
+            ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
         )
         stamp = {
             "onnx_sha256": entry.get("sha256"),
             "method": "nncf.quantize (ModelType.TRANSFORMER, TargetDevice.CPU)",
+            "scope": scope,
+            "fp32_layers": len(ignored),
             "nncf": nncf.__version__,
             "calibration_images": [f.name for f in files],
             "calibration_used": len(inputs),
@@ -105,6 +137,12 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
         default=4,
         help="use at most this many images, sorted by name (4; NNCF's peak memory grows with the count)",
     )
+    p.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="mlp",
+        help="INT8 layers: the ViT MLP MatMuls (closer to FP32) or NNCF's choice for transformers (every MatMul)",
+    )
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -115,7 +153,9 @@ def cmd_quantize(args) -> int:
     if args.max_images < 1:
         raise SystemExit("cellsam-trt quantize: --max-images must be >= 1")
     try:
-        out = quantize_export(args.model, args.calib_images, args.max_images, log=lambda m: print(m, file=sys.stderr))
+        out = quantize_export(
+            args.model, args.calib_images, args.max_images, log=lambda m: print(m, file=sys.stderr), scope=args.scope
+        )
     except (QuantizeError, ManifestError) as e:
         raise SystemExit(f"cellsam-trt quantize: {e}") from None
     for graph, path in out.items():

@@ -17,8 +17,10 @@ is written into the graph here, with well-kept libraries, and ``tensorrt_build``
   base package without its ``[onnx]`` extra, whose onnx / onnxruntime pins collide with ours).
 * ``int8``: explicit Q/DQ by ``onnxruntime.quantization.quantize_static`` (QDQ format,
   symmetric signed INT8 activations and per-channel weights, the form TensorRT's explicit
-  quantization reads) of the inputs of the weight MatMuls / Convs of the two ViT-B trunks (the
-  image encoder; CellFinder's backbone); their outputs and everything else stay FP32.
+  quantization reads) of the inputs of weight layers of the two ViT-B trunks (the image
+  encoder; CellFinder's backbone): scope "mlp" (default) the two MLP MatMuls of every block,
+  "all" every weight MatMul / Conv of the trunk (attention qkv / proj and the patch
+  embedding too); their outputs and everything else stay FP32.
   Calibrated on a folder of images prepared exactly as at run time (``pipeline.prepare`` +
   the branch's model input).
   The prompt decoder has no INT8 form: an INT8 build runs its FP16 graph.
@@ -84,8 +86,9 @@ ATTENTION_PATTERNS = (
     r"/(self_attn|cross_attn_token_to_image|cross_attn_image_to_token|final_attn_token_to_image)"
     r"(_\d+)?/(MatMul|Div|Mul)(_\d+)?$",  # mask decoder
 )
-# INT8 scope: the ViT-B trunks' weight layers
+# INT8: the ViT-B trunks' weight layers; the scope narrows them to the MLPs or keeps them all
 INT8_SCOPE = {S.ENCODER: r"^/encoder/(patch_embed|blocks\.)", S.CELLFINDER: r"/backbone/"}
+INT8_SCOPES = {"mlp": r"/mlp/lin[12]/", "all": ""}
 INT8_OPS = ("MatMul", "Conv", "Gemm")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 
@@ -357,17 +360,25 @@ def calibration_reader(batches: Iterable[np.ndarray], input_name: str = "image")
     return _Reader()
 
 
-def int8_targets(model: onnx.ModelProto, name: str) -> list[str]:
+def int8_targets(model: onnx.ModelProto, name: str, scope: str = "mlp") -> list[str]:
     """Nodes ``quantize_static`` quantizes in graph ``name``: the MatMul / Conv / Gemm nodes
-    with an initializer weight inside the trunk scope ``INT8_SCOPE[name]``."""
+    with an initializer weight inside the trunk ``INT8_SCOPE[name]``; with ``scope="mlp"``
+    only the two MLP MatMuls of each ViT block, with ``"all"`` every such node of the trunk
+    (patch embedding, attention qkv / proj too)."""
     if name not in INT8_SCOPE:
         raise PrecisionError(f"{name} has no INT8 form (INT8 covers {sorted(INT8_SCOPE)})")
-    scope = re.compile(INT8_SCOPE[name])
+    if scope not in INT8_SCOPES:
+        raise PrecisionError(f"INT8 scope must be one of {tuple(INT8_SCOPES)}, got {scope!r}")
+    trunk, narrow = re.compile(INT8_SCOPE[name]), re.compile(INT8_SCOPES[scope])
     inits = {t.name for t in model.graph.initializer}
     return [
         n.name
         for n in model.graph.node
-        if n.op_type in INT8_OPS and len(n.input) > 1 and n.input[1] in inits and scope.search(n.name)
+        if n.op_type in INT8_OPS
+        and len(n.input) > 1
+        and n.input[1] in inits
+        and trunk.search(n.name)
+        and narrow.search(n.name)
     ]
 
 
@@ -411,12 +422,14 @@ def to_int8_qdq(
     batches: Iterable[np.ndarray],
     method: str = "minmax",
     cache: str | os.PathLike | None = None,
+    scope: str = "mlp",
 ) -> tuple[Path, int, int]:
     """Write the explicit-quantization (Q/DQ) INT8 graph of ``src`` (graph ``name``) to ``dst``.
 
     batches: calibration inputs, (B, 3, 1024, 1024) float32 (``calibration_batches``).
     method: "minmax", "percentile" or "entropy" (ONNX Runtime's calibrators).
     cache: ONNX Runtime's calibration cache file (reused when it exists; then no batch is read).
+    scope: "mlp" or "all" (``int8_targets``).
     Returns (dst, quantized node count, batches read). PrecisionError when nothing is in scope
     or no batch was read.
     """
@@ -427,9 +440,9 @@ def to_int8_qdq(
         raise PrecisionError(f"calibration method must be one of {CALIB_METHODS}, got {method!r}")
     src, dst = Path(src), Path(dst)
     fp32 = onnx.load(str(src))
-    targets = int8_targets(fp32, name)
+    targets = int8_targets(fp32, name, scope)
     if not targets:
-        raise PrecisionError(f"{src}: no MatMul / Conv with a weight in the INT8 scope {INT8_SCOPE[name]!r}")
+        raise PrecisionError(f"{src}: no MatMul / Conv with a weight in the {scope!r} INT8 scope of {name}")
     meta = {p.key: p.value for p in fp32.metadata_props}
     input_name = fp32.graph.input[0].name
     weights = {t.name for t in fp32.graph.initializer}
@@ -479,6 +492,7 @@ def to_int8_qdq(
         {
             "cellsam_trt.precision": "int8",
             "cellsam_trt.int8_nodes": str(len(targets)),
+            "cellsam_trt.int8_scope": scope,
             "cellsam_trt.int8_calibration": f"{method}, {reader.served} batch(es)" + (", cache" if cached else ""),
             "cellsam_trt.annotated_by": f"onnxruntime {onnxruntime.__version__} quantize_static (QDQ)",
         }
@@ -550,10 +564,10 @@ def trt_problems(path: str | os.PathLike) -> list[str]:
     return check_trt_compat(shape_inference.infer_shapes(onnx.load(str(path)))).problems
 
 
-def calib_cache(export_dir: Path, entry: dict, method: str) -> Path:
+def calib_cache(export_dir: Path, entry: dict, method: str, scope: str = "mlp") -> Path:
     """The INT8 calibration cache of a manifest entry's FP32 graph (see ``annotate_export``)."""
     stem = entry["file"].removesuffix(".onnx")
-    return Path(export_dir) / f"{stem}.{method}.{(entry.get('sha256') or 'unknown')[:12]}.calib"
+    return Path(export_dir) / f"{stem}.{method}.{scope}.{(entry.get('sha256') or 'unknown')[:12]}.calib"
 
 
 def annotated_file(graph: str, precision: str) -> str:
@@ -567,6 +581,7 @@ def annotate_export(
     calib_images: str | os.PathLike | None = None,
     calib_max_images: int = 64,
     calib_method: str = "minmax",
+    int8_scope: str = "mlp",
     keep_fp32: Sequence[str] = (),
     fp32_attention: bool = False,
     log: Callable[[str], None] | None = None,
@@ -578,7 +593,8 @@ def annotate_export(
     the static TensorRT check (``trt_compat``) or PrecisionError names its problems. Returns
     the manifest.
 
-    The INT8 calibration cache is ``<export>/<graph>.<method>.<FP32 sha256[:12]>.calib``
+    int8_scope: "mlp" (the ViT MLP MatMuls) or "all" (every weight layer of the trunks).
+    The INT8 calibration cache is ``<export>/<graph>.<method>.<scope>.<FP32 sha256[:12]>.calib``
     (ONNX Runtime's JSON ranges; reused when present, so a new FP32 graph is calibrated anew).
     An ``int8`` request also writes the FP16 decoder (what an INT8 build runs for it).
     models: only these graphs (default: every graph the precision covers).
@@ -601,7 +617,9 @@ def annotate_export(
     entries = manifest["models"]
     todo = [(g, precision) for g in GRAPHS[precision] if g in entries and (models is None or g in models)]
     if precision == "int8":
-        if calib_images is None and not all(calib_cache(out, entries[g], calib_method).is_file() for g, _ in todo):
+        if calib_images is None and not all(
+            calib_cache(out, entries[g], calib_method, int8_scope).is_file() for g, _ in todo
+        ):
             raise PrecisionError("int8 needs --calib-images DIR (a folder of representative images)")
         if S.DECODER in entries and (models is None or S.DECODER in models):
             todo.append((S.DECODER, "fp16"))
@@ -624,9 +642,9 @@ def annotate_export(
             del model
             branch = "sam" if g == S.ENCODER else "cellfinder"
             batches = calibration_batches(files, branch, bool(manifest["adv_mode"]), 1, say)
-            cache = calib_cache(out, entries[g], calib_method)
-            _, n, served = to_int8_qdq(src, tmp, g, batches, calib_method, cache)
-            record.update(int8_nodes=n, calibration={"method": calib_method, "images": served})
+            cache = calib_cache(out, entries[g], calib_method, int8_scope)
+            _, n, served = to_int8_qdq(src, tmp, g, batches, calib_method, cache, int8_scope)
+            record.update(int8_nodes=n, int8_scope=int8_scope, calibration={"method": calib_method, "images": served})
             record["library"] = "onnxruntime quantize_static (QDQ)"
         problems = trt_problems(tmp)
         if problems:
