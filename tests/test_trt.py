@@ -401,6 +401,14 @@ def test_cli_dry_run_refusals(tiny_export, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "not an export directory" in capsys.readouterr().err
+    from cellsam_trt.engine.trt_backend import TrtUnavailable, query_gpu
+
+    try:
+        query_gpu(0)
+    except TrtUnavailable:  # here: a dry run without --gpu-name says what to name
+        rc = main(["build", "--onnx", str(tiny_export), "--out", str(out), "--dry-run"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "no GPU to plan for here" in err and "--gpu-name NAME --compute-capability" in err
 
 
 @pytest.mark.skipif(_has_tensorrt(), reason="checks the message shown where TensorRT is missing")

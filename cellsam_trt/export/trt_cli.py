@@ -116,9 +116,14 @@ def cmd_build(args) -> int:
         gpu = _gpu_from_args(args)
         if args.dry_run:
             if gpu is None:
-                from ..engine.trt_backend import query_gpu
+                from ..engine.trt_backend import TrtUnavailable, query_gpu
 
-                gpu = query_gpu(args.device)
+                try:
+                    gpu = query_gpu(args.device)
+                except TrtUnavailable as e:  # planning needs no GPU, only its facts
+                    raise PlanError(
+                        f"no GPU to plan for here ({e}); name the target: --gpu-name NAME --compute-capability X.Y"
+                    ) from None
             installed = _installed_tensorrt()
             versions = args.tensorrt or ([installed] if installed else list(DRY_RUN_VERSIONS))
             out = []
