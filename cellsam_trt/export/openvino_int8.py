@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ..engine.openvino_backend import INT8_GRAPHS, IR_DIR, write_ir
 from ..runtime.manifest import ManifestError, read_manifest
+from .quantize import quiet_logs
 
 _BRANCH = {"image_encoder": "sam", "cellfinder": "cellfinder"}
 SCOPES = ("mlp", "all")
@@ -103,14 +104,15 @@ def quantize_export(
         model = core.read_model(str(model_dir / entry["file"]))
         name = model.inputs[0].get_any_name()
         ignored = ignored_layers(model, scope)
-        quantized = nncf.quantize(
-            model,
-            nncf.Dataset(inputs, lambda x, name=name: {name: x}),
-            model_type=nncf.ModelType.TRANSFORMER,
-            target_device=nncf.TargetDevice.CPU,
-            subset_size=len(inputs),
-            ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
-        )
+        with quiet_logs():  # NNCF logs a line per layer it leaves in FP32
+            quantized = nncf.quantize(
+                model,
+                nncf.Dataset(inputs, lambda x, name=name: {name: x}),
+                model_type=nncf.ModelType.TRANSFORMER,
+                target_device=nncf.TargetDevice.CPU,
+                subset_size=len(inputs),
+                ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+            )
         stamp = {
             "onnx_sha256": entry.get("sha256"),
             "method": "nncf.quantize (ModelType.TRANSFORMER, TargetDevice.CPU)",
