@@ -32,7 +32,6 @@ from pathlib import Path
 
 from ..engine.openvino_backend import INT8_GRAPHS, IR_DIR, write_ir
 from ..runtime.manifest import ManifestError, read_manifest
-from .quantize import quiet_logs
 
 _BRANCH = {"image_encoder": "sam", "cellfinder": "cellfinder"}
 SCOPES = ("mlp", "all")
@@ -73,6 +72,7 @@ def quantize_export(
     Raises QuantizeError (no images, no such graph, an export without ``adv_mode`` for
     CellFinder) and ManifestError (not an export directory).
     """
+    from .quantize import quiet_logs
     from .tensorrt_build import PlanError, calibration_batches, calibration_files
 
     say = log or (lambda m: None)
