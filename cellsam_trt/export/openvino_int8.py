@@ -32,10 +32,11 @@ from pathlib import Path
 
 from ..engine.openvino_backend import INT8_GRAPHS, IR_DIR, write_ir
 from ..runtime.manifest import ManifestError, read_manifest
+from .formats import MLP_NODES
 
 _BRANCH = {"image_encoder": "sam", "cellfinder": "cellfinder"}
 SCOPES = ("mlp", "all")
-_MLP = re.compile(r"/mlp/lin[12]/")
+_MLP = re.compile(MLP_NODES)
 _LAYERS = ("MatMul", "Convolution")
 
 

@@ -55,7 +55,7 @@ import onnx
 from .. import pipeline
 from .. import preprocess as pre
 from ..runtime import specs as S
-from .formats import IR_VERSION
+from .formats import IR_VERSION, MLP_NODES
 from .quantize import quiet_logs
 
 PRECISIONS = ("fp16", "bf16", "int8", "fp8")
@@ -88,7 +88,7 @@ ATTENTION_PATTERNS = (
 )
 # INT8: the ViT-B trunks' weight layers; the scope narrows them to the MLPs or keeps them all
 INT8_SCOPE = {S.ENCODER: r"^/encoder/(patch_embed|blocks\.)", S.CELLFINDER: r"/backbone/"}
-INT8_SCOPES = {"mlp": r"/mlp/lin[12]/", "all": ""}
+INT8_SCOPES = {"mlp": MLP_NODES, "all": ""}
 INT8_OPS = ("MatMul", "Conv", "Gemm")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 

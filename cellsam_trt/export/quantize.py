@@ -25,10 +25,10 @@ from pathlib import Path
 
 import onnx
 
-from .formats import IR_VERSION
+from .formats import IR_VERSION, MLP_NODES
 
 SCOPES = ("mlp", "all")
-_MLP = re.compile(r"/mlp/lin[12]/")
+_MLP = re.compile(MLP_NODES)
 
 
 @contextlib.contextmanager
