@@ -1,17 +1,18 @@
 """OpenVINO INT8 (NNCF) scopes against OpenVINO FP32 on the CPU: mask agreement and encoder time.
 
-    python benchmarks/bench_ov_int8.py --export cellsam-onnx/ [--scopes mlp,all] \
+    python benchmarks/bench_ov_int8.py --export cellsam-onnx/ [--scopes mlp,all] [--smooth-quant off,on] \
         [--calib-images calib/] [--out benchmarks/results/openvino_int8_scopes.json]
 
 For each scope (``export.openvino_int8``: ``mlp`` = the ViT MLP MatMuls, ``all`` = NNCF's choice
-for transformers) the image encoder is quantized into a work copy of the export (``--work``,
+for transformers) and SmoothQuant setting (off: the default of ``cellsam-trt quantize``; on:
+NNCF's transformer default) the image encoder is quantized into a work copy of the export (``--work``,
 default ``<export>-ov-int8``; the export's own files are linked, never written), calibrated on
 ``--calib-images`` (default the four sample images, prepared as at run time), then the box-prompt
 pipeline runs every box of the four sample images on ``OvBackend`` FP32 and INT8 (FP32 decoder
 in both). Recorded per image: matched-instance IoU of the INT8 label map against FP32
 (``cellsam_trt.metrics.match_instances``) and the encoder seconds of both, in one run
 (FP32 first, then each scope, image by image), so the time is a ratio within the run.
-JSON with machine info; written after each scope.
+JSON with machine info; written after each configuration (``<scope>`` or ``<scope>+sq``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--export", required=True, type=Path, help="full-size export directory")
     ap.add_argument("--work", type=Path, help="work copy (links to the export's files; default <export>-ov-int8)")
     ap.add_argument("--scopes", default="mlp,all")
+    ap.add_argument("--smooth-quant", default="off,on", help="off, on or off,on")
     ap.add_argument("--calib-images", type=Path, help="calibration folder (default: the four sample images)")
     ap.add_argument("--max-images", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -62,6 +64,10 @@ def main(argv=None) -> int:
     bad = [s for s in scopes if s not in SCOPES]
     if bad:
         raise SystemExit(f"bench_ov_int8: unknown scope(s) {bad}; choose from {SCOPES}")
+    sq = [s for s in args.smooth_quant.split(",") if s]
+    if not sq or set(sq) - {"off", "on"}:
+        raise SystemExit(f"bench_ov_int8: --smooth-quant takes off, on or off,on, got {args.smooth_quant!r}")
+    configs = [(scope, s == "on") for s in sq for scope in scopes]
     work = args.work or Path(str(args.export.resolve()) + "-ov-int8")
     if not work.exists():  # links: quantize_export replaces (os.replace) what it writes, never the target
         shutil.copytree(args.export, work, copy_function=os.symlink)
@@ -84,11 +90,12 @@ def main(argv=None) -> int:
         "export": str(args.export.resolve()),
         "calibration": {"folder": str(calib), "max_images": args.max_images},
         "fp32": {s: {"cells": int(lab.max()), "encode_s": t} for s, (lab, t) in ref.items()},
-        "scopes": {},
+        "configs": {},
     }
-    for scope in scopes:
+    for scope, smooth in configs:
+        name = scope + ("+sq" if smooth else "")
         t = time.time()
-        quantize_export(work, calib, args.max_images, graphs=("image_encoder",), scope=scope)
+        quantize_export(work, calib, args.max_images, graphs=("image_encoder",), scope=scope, smooth_quant=smooth)
         rec = {"quantize_s": time.time() - t}
         rec["stamp"] = json.loads((work / IR_DIR / IR_INDEX).read_text())["image_encoder.int8"]
         be = OvBackend(work, precision="int8", threads=args.threads)
@@ -106,10 +113,10 @@ def main(argv=None) -> int:
                 "encode_s": enc,
                 "encode_vs_fp32": ref[stem][1] / enc,
             }
-            print(f"{scope} {stem}: {rec['images'][stem]}", file=sys.stderr, flush=True)
+            print(f"{name} {stem}: {rec['images'][stem]}", file=sys.stderr, flush=True)
         ious = [r["mean_iou"] for r in rec["images"].values()]
         rec["mean_iou_min_max"] = [min(ious), max(ious)]
-        record["scopes"][scope] = rec
+        record["configs"][name] = rec
         record["seconds"] = time.time() - t0
         Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)

@@ -195,10 +195,12 @@ def test_nncf_int8(export_copy, tmp_path):
     assert np.abs(lf - lq).max() <= 0.1 * np.abs(lf).max() and np.abs(bf - bq).max() <= 0.01
     np.testing.assert_array_equal(q.decode(ef, boxes=BOXES)[0], fp.decode(ef, boxes=BOXES)[0])
     # scope "mlp" (default): only the MLP MatMuls read quantized activations; "all": NNCF's choice
-    assert index["image_encoder.int8"]["scope"] == "mlp" and index["image_encoder.int8"]["fp32_layers"] > 0
+    stamp = index["image_encoder.int8"]
+    assert stamp["scope"] == "mlp" and stamp["fp32_layers"] > 0 and stamp["smooth_quant"] is False
     assert _int8_matmuls(export_copy) and all("/mlp/lin" in n for n in _int8_matmuls(export_copy))
     argv = ["quantize", "--model", str(export_copy), "--calib-images", str(calib), "--scope", "all"]
-    assert main(argv) == 0
+    assert main(argv + ["--smooth-quant"]) == 0
+    assert json.loads((export_copy / "openvino" / IR_INDEX).read_text())["image_encoder.int8"]["smooth_quant"] is True
     every = _int8_matmuls(export_copy)
     assert any("/attn/qkv/" in n for n in every) and any(n.endswith("/attn/MatMul") for n in every)
 

@@ -13,11 +13,17 @@ sha256 of the ONNX they came from, the scope and the calibration images.
 * ``"all"``: NNCF's own choice for transformers: every MatMul / convolution, the attention
   score products (query x key) too.
 
+NNCF's SmoothQuant (per-channel rescaling of MatMul activations into the weights, alpha 0.95
+by default for transformers) is off unless ``smooth_quant=True``: on the synthetic checkpoint it
+moves the masks much further from FP32 (``benchmarks/bench_ov_int8.py`` measures both; re-measure
+on a trained checkpoint before choosing).
+
 Calibration inputs are made by the pipeline's own ``prepare`` stage and ``cellsam_trt.preprocess``
 exactly as at run time (``export.tensorrt_build.calibration_batches``: the same inputs as the
 TensorRT INT8 calibration). Needs ``pip install "cellsam-trt[openvino]"`` (openvino, nncf).
 
     cellsam-trt quantize --model cellsam-onnx/ --calib-images calib/ [--max-images 4] [--scope mlp|all]
+        [--smooth-quant]
 """
 
 from __future__ import annotations
@@ -65,10 +71,11 @@ def quantize_export(
     graphs: tuple[str, ...] = INT8_GRAPHS,
     log: Callable[[str], None] | None = None,
     scope: str = "mlp",
+    smooth_quant: bool = False,
 ) -> dict[str, Path]:
     """Quantize ``graphs`` of the export in ``model_dir`` with the first ``max_images`` images
-    (sorted by name) of the folder ``calib_images``, the layers of ``scope`` ("mlp" or "all");
-    -> {graph: the INT8 IR written}.
+    (sorted by name) of the folder ``calib_images``, the layers of ``scope`` ("mlp" or "all"),
+    with NNCF's SmoothQuant on the MatMuls where ``smooth_quant``; -> {graph: the INT8 IR written}.
 
     Raises QuantizeError (no images, no such graph, an export without ``adv_mode`` for
     CellFinder) and ManifestError (not an export directory).
@@ -87,6 +94,7 @@ def quantize_export(
         raise QuantizeError(str(e)) from None
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     core = ov.Core()
     out = {}
@@ -113,12 +121,17 @@ def quantize_export(
                 target_device=nncf.TargetDevice.CPU,
                 subset_size=len(inputs),
                 ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None,
+                # SmoothQuant: NNCF's transformer default for MatMuls, or off (alpha -1)
+                advanced_parameters=None
+                if smooth_quant
+                else AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)),
             )
         stamp = {
             "onnx_sha256": entry.get("sha256"),
             "method": "nncf.quantize (ModelType.TRANSFORMER, TargetDevice.CPU)",
             "scope": scope,
             "fp32_layers": len(ignored),
+            "smooth_quant": smooth_quant,
             "nncf": nncf.__version__,
             "calibration_images": [f.name for f in files],
             "calibration_used": len(inputs),
@@ -146,6 +159,11 @@ def add_quantize_parser(subparsers) -> argparse.ArgumentParser:
         default="mlp",
         help="INT8 layers: the ViT MLP MatMuls (closer to FP32) or NNCF's choice for transformers (every MatMul)",
     )
+    p.add_argument(
+        "--smooth-quant",
+        action="store_true",
+        help="apply NNCF's SmoothQuant to the MatMuls (its transformer default; off unless given)",
+    )
     p.set_defaults(func=cmd_quantize)
     return p
 
@@ -157,7 +175,12 @@ def cmd_quantize(args) -> int:
         raise SystemExit("cellsam-trt quantize: --max-images must be >= 1")
     try:
         out = quantize_export(
-            args.model, args.calib_images, args.max_images, log=lambda m: print(m, file=sys.stderr), scope=args.scope
+            args.model,
+            args.calib_images,
+            args.max_images,
+            log=lambda m: print(m, file=sys.stderr),
+            scope=args.scope,
+            smooth_quant=args.smooth_quant,
         )
     except (QuantizeError, ManifestError) as e:
         raise SystemExit(f"cellsam-trt quantize: {e}") from None
