@@ -15,7 +15,7 @@ sha256 of the ONNX they came from, the scope and the calibration images.
 
 NNCF's SmoothQuant (per-channel rescaling of MatMul activations into the weights, alpha 0.95
 by default for transformers) is off unless ``smooth_quant=True``: on the synthetic checkpoint it
-moves the masks much further from FP32 (``benchmarks/bench_ov_int8.py`` measures both; re-measure
+moved the masks much further from FP32 (``benchmarks/bench_ov_int8.py`` measures both; re-measure
 on a trained checkpoint before choosing).
 
 Calibration inputs are made by the pipeline's own ``prepare`` stage and ``cellsam_trt.preprocess``
