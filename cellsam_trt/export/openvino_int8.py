@@ -14,9 +14,8 @@ sha256 of the ONNX they came from, the scope and the calibration images.
   score products (query x key) too.
 
 NNCF's SmoothQuant (per-channel rescaling of MatMul activations into the weights, alpha 0.95
-by default for transformers) is off unless ``smooth_quant=True``: on the synthetic checkpoint it
-moved the masks much further from FP32 (``benchmarks/bench_ov_int8.py`` measures both; re-measure
-on a trained checkpoint before choosing).
+by default for transformers) is off unless ``smooth_quant=True``; ``benchmarks/bench_ov_int8.py``
+measures the agreement with FP32 of each scope with and without it (figures in the README).
 
 Calibration inputs are made by the pipeline's own ``prepare`` stage and ``cellsam_trt.preprocess``
 exactly as at run time (``export.tensorrt_build.calibration_batches``: the same inputs as the
