@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .formats import INT8_SCOPES
+
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("export", help="export the three networks to ONNX (+ manifest) for the ort backend")
@@ -23,7 +25,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="also write dynamic-INT8 image encoder and CellFinder (CPU)")
     p.add_argument(
         "--int8-scope",
-        choices=("mlp", "all"),
+        choices=INT8_SCOPES,
         default="mlp",
         help="INT8 layers (--int8 and --precision int8): the ViT MLP MatMuls (closer to FP32) or all weight "
         "MatMuls (faster)",

@@ -2,5 +2,7 @@
 
 OPSET = 17
 IR_VERSION = 10  # onnx 1.23 writes IR 14, which onnxruntime 1.31 rejects
-# the two MLP MatMuls of a ViT block (image encoder, CellFinder's backbone): INT8's default scope
+# INT8 scopes of every INT8 path: "mlp" = the two MLP MatMuls of each ViT block (image encoder,
+# CellFinder's backbone), matched by MLP_NODES; "all" = each path's wider set of layers
+INT8_SCOPES = ("mlp", "all")
 MLP_NODES = r"/mlp/lin[12]/"

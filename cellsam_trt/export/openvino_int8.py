@@ -37,10 +37,10 @@ from pathlib import Path
 
 from ..engine.openvino_backend import INT8_GRAPHS, IR_DIR, write_ir
 from ..runtime.manifest import ManifestError, read_manifest
+from .formats import INT8_SCOPES as SCOPES
 from .formats import MLP_NODES
 
 _BRANCH = {"image_encoder": "sam", "cellfinder": "cellfinder"}
-SCOPES = ("mlp", "all")
 _MLP = re.compile(MLP_NODES)
 _LAYERS = ("MatMul", "Convolution")
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import onnx
 
+from .formats import INT8_SCOPES as SCOPES
 from .formats import IR_VERSION, MLP_NODES
 
-SCOPES = ("mlp", "all")
 _MLP = re.compile(MLP_NODES)
 
 
