@@ -201,6 +201,16 @@ def load_inputs(reference: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
+def sample_image_folder(reference: Path, folder: Path) -> Path:
+    """``folder`` (created) with links to the sample images, without the ``*_pred.npy`` label
+    maps beside them: the default calibration images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for png in sorted((Path(reference) / "sample_imgs").glob("*.png")):
+        if not (folder / png.name).exists():
+            (folder / png.name).symlink_to(png.resolve())
+    return folder
+
+
 class TimedBackend:
     """Backend proxy that accumulates the seconds spent in encode / detect / decode (host arrays:
     ``device_resident`` is off, so the pipeline's stages call ``encode`` / ``decode`` plainly)."""
@@ -364,13 +374,7 @@ def openvino_backend(result: dict, name: str, precision: str, export: Path, thre
         except BackendError:  # quantize in a process of its own: NNCF's peak memory is freed after it
             import subprocess
 
-            calib = args.calib_images
-            if calib is None:  # the sample images themselves, without the *_pred.npy label maps beside them
-                calib = export / "openvino" / "calibration_images"
-                calib.mkdir(parents=True, exist_ok=True)
-                for png in sorted((Path(args.reference) / "sample_imgs").glob("*.png")):
-                    if not (calib / png.name).exists():
-                        (calib / png.name).symlink_to(png.resolve())
+            calib = args.calib_images or sample_image_folder(args.reference, export / "openvino" / "calibration_images")
             t0 = time.perf_counter()
             cmd = [sys.executable, "-m", "cellsam_trt.cli", "quantize", "--model", str(export), "--calib-images"]
             subprocess.run(cmd + [str(calib)], check=True)

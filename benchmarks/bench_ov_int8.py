@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_cpu import TimedBackend, load_inputs, machine_info
+from bench_cpu import TimedBackend, load_inputs, machine_info, sample_image_folder
+from bench_precision import write
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference"
@@ -71,13 +72,7 @@ def main(argv=None) -> int:
     work = args.work or Path(str(args.export.resolve()) + "-ov-int8")
     if not work.exists():  # links: quantize_export replaces (os.replace) what it writes, never the target
         shutil.copytree(args.export, work, copy_function=os.symlink)
-    calib = args.calib_images
-    if calib is None:
-        calib = work / "calibration_images"
-        calib.mkdir(exist_ok=True)
-        for png in sorted((args.reference / "sample_imgs").glob("*.png")):
-            if not (calib / png.name).exists():
-                (calib / png.name).symlink_to(png.resolve())
+    calib = args.calib_images or sample_image_folder(args.reference, work / "calibration_images")
     inputs = load_inputs(args.reference)
     t0 = time.time()
     fp32 = OvBackend(work, threads=args.threads)
@@ -117,8 +112,7 @@ def main(argv=None) -> int:
         ious = [r["mean_iou"] for r in rec["images"].values()]
         rec["mean_iou_min_max"] = [min(ious), max(ious)]
         record["configs"][name] = rec
-        record["seconds"] = time.time() - t0
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        write(record, args.out, time.time() - t0)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
